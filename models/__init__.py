@@ -1,0 +1,40 @@
+"""load_model(name_or_path) -> (model, tokenizer): one entry point for every supported checkpoint.
+
+Dispatch is on the checkpoint's config.json (or its absence):
+  model_type qwen3_5 / qwen3_5_text          -> models.qwen35   (Qwen3.5 Gated DeltaNet hybrid)
+  model_type mamba2, or a raw mamba_ssm config -> models.mamba2   (d_model / n_layer / ssm_cfg, no model_type)
+  model_type rwkv7, or no config and a .pth   -> models.rwkv7    (fla safetensors / BlinkDL state dict)
+"""
+
+import importlib
+
+import torch
+
+from . import hub
+from .common import Capture, Cache, Edit, Output, WriteModel, rebuild_states  # noqa: F401  (the public API)
+
+ARCHS = {"qwen35": "Qwen3.5 (Gated DeltaNet)", "mamba2": "Mamba-2", "rwkv7": "RWKV-7"}
+
+
+def detect_arch(config: dict | None) -> str:
+    if config is None:
+        return "rwkv7"  # BlinkDL releases ship a bare .pth state dict
+    mt = config.get("model_type") or config.get("text_config", {}).get("model_type")
+    if mt in ("qwen3_5", "qwen3_5_text"):
+        return "qwen35"
+    if mt == "mamba2" or (mt is None and "d_model" in config and "ssm_cfg" in config):
+        return "mamba2"
+    if mt == "rwkv7":
+        return "rwkv7"
+    raise hub.CheckpointError(f"unsupported model_type {mt!r}: this project reads "
+                              f"{', '.join(ARCHS.values())} checkpoints")
+
+
+def load_model(name_or_path, device="cpu", dtype=torch.float32, revision=None, tokenizer=None):
+    """A Hub repo id or local directory -> (model in eval mode, tokenizer). tokenizer= overrides the
+    tokenizer source (a tokenizer.json, a directory, or a repo id)."""
+    path = hub.resolve(name_or_path, revision=revision)
+    arch = detect_arch(hub.read_config(path))
+    module = importlib.import_module(f"{__name__}.{arch}")
+    model, tok = module.from_pretrained(path, device=device, dtype=dtype, tokenizer=tokenizer)
+    return model.eval(), tok

@@ -1,0 +1,226 @@
+"""What the three architectures share: the write record, edits, the decode cache, generate().
+
+Glossary (one convention for the whole project, DESIGN.md §2)
+  B, T, H, K, V  batch, time, state heads, key dim, value dim; r = rank of a write
+  S              the per-head matrix state [B,H,K,V], key side first; read o_t = S_tᵀ q_t
+  decay D_t      [B,H,Kd] with Kd = 1 (GDN α_t, Mamba-2 exp(Δ_t A)) or Kd = K (RWKV-7 w_t, per key channel)
+  increment      S_t − D_t ⊙ S_{t−1} = Σ_r inc_k[r] inc_v[r]ᵀ : with the decay it rebuilds every state
+  additive write the paper's native write (GDN β_t k_t v_tᵀ, Mamba-2 B_t (Δ_t x_t)ᵀ, RWKV-7 k̃_t v_tᵀ)
+
+A layer's scan (`chunked` or `recurrent` in each model file) returns `(out, final_state, writes)` where
+`writes` is a dict of tensors with time on dim 1:
+  add_k [B,T,H,r,K], add_v [B,T,H,r,V]   the additive write, as factors
+  inc_k [B,T,H,r,K], inc_v [B,T,H,r,V]   the increment, as factors
+  decay [B,T,H,Kd]                        the decay applied to S_{t−1}
+  query [B,T,H,K]                         the read vector (GDN q̃ = l2(q)/√K, Mamba-2 C_t, RWKV-7 r_t)
+  gain  [B,T,H,V]                         local diagonal gain from o_t to the out-projection input (norm × gate)
+  (plus architecture extras, e.g. GDN beta [B,T,H])
+and, when asked, states [B,T,H,K,V] = S_t after the write at t.
+
+An Edit changes the state right after the write at one (layer, head, position) and the model carries the
+edited state forward: S'_t = S_t − W_nat + X (replace), S_t + X (add), S_t − W_nat (delete), with
+X = Σ_r k[r] v[r]ᵀ. The read at t already sees S'_t. Scans with edits run as
+chunked prefix → one edited `step` → chunked suffix (`scan_with_edits`), never a third code path.
+"""
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+WRITES = ("additive", "increment")
+
+
+@dataclass(frozen=True)
+class Edit:
+    layer: int
+    head: int
+    pos: int                        # absolute token position (counting the tokens already in the cache)
+    op: str = "replace"             # "replace" | "add" | "delete"
+    k: torch.Tensor | None = None   # [r,K] key-side factors of X
+    v: torch.Tensor | None = None   # [r,V] value-side factors of X
+    write: str | None = None        # which native write replace/delete removes; None = the model's default
+    batch: int | None = None        # the batch row to edit; None = every row
+
+    def __post_init__(self):
+        if self.op not in ("replace", "add", "delete"):
+            raise ValueError(f"edit op must be replace, add or delete, not {self.op!r}")
+        if (self.op != "delete") != (self.k is not None and self.v is not None):
+            raise ValueError(f"edit op {self.op!r} needs {'k and v' if self.op != 'delete' else 'no k, v'}")
+        if self.write not in (None,) + WRITES:
+            raise ValueError(f"edit write must be one of {WRITES}, not {self.write!r}")
+
+
+@dataclass(frozen=True)
+class Capture:
+    """Which write sites a forward records: layers (write layers only), heads (None = all), and S_t."""
+    layers: tuple
+    heads: tuple | None = None
+    states: bool = False
+
+
+class Output(NamedTuple):
+    logits: torch.Tensor | None   # [B,T,vocab] fp32; None when the forward stopped after the last captured layer
+    cache: "Cache | None"         # a new cache covering every token seen; the input cache is never mutated
+    captures: dict                # {layer: writes dict}, heads restricted to Capture.heads
+
+
+@dataclass
+class Cache:
+    """Decode cache: pos = tokens seen; layers[i] = {name: tensor with batch on dim 0} for layer i."""
+    pos: int = 0
+    layers: list = field(default_factory=list)
+
+    def map(self, fn) -> "Cache":
+        return Cache(self.pos, [{k: fn(v) for k, v in layer.items()} for layer in self.layers])
+
+    def copy(self) -> "Cache":
+        return self.map(torch.Tensor.clone)
+
+    def repeat(self, n: int) -> "Cache":
+        """Each batch row n times (row-major), e.g. to run n edit conditions from one prefix."""
+        return self.map(lambda t: t.repeat_interleave(n, dim=0))
+
+    def select(self, rows) -> "Cache":
+        return self.map(lambda t: t[rows].clone())
+
+
+# --------------------------------------------------------------------------------------------------------
+# The edit itself and the scan driver that applies it
+
+def outer(k, v):
+    """Σ_r k[..., r, :] ⊗ v[..., r, :]  ->  [..., K, V]."""
+    return torch.einsum("...rk,...rv->...kv", k, v)
+
+
+def apply_edits(S, write_t, edits, default_write):
+    """S [B,H,K,V] right after the write at t; write_t the step's writes dict without the time axis."""
+    S = S.clone()
+    for e in edits:
+        rows = slice(None) if e.batch is None else slice(e.batch, e.batch + 1)
+        if e.op in ("replace", "delete"):
+            kind = {"additive": "add", "increment": "inc"}[e.write or default_write]
+            S[rows, e.head] -= outer(write_t[f"{kind}_k"][rows, e.head], write_t[f"{kind}_v"][rows, e.head])
+        if e.op in ("replace", "add"):
+            S[rows, e.head] += outer(e.k.to(S), e.v.to(S))
+    return S
+
+
+def time_slice(inputs: dict, a: int, b: int) -> dict:
+    return {k: x[:, a:b] for k, x in inputs.items()}
+
+
+def cat_time(parts: list[dict]) -> dict:
+    return {k: torch.cat([p[k] for p in parts], dim=1) for k in parts[0]}
+
+
+def scan_with_edits(chunked, step, inputs: dict, state, edits, t0: int, default_write, **kw):
+    """Run one layer's scan over inputs [B,T,...] starting at absolute position t0 with edits at some positions.
+
+    chunked(inputs, state, **kw) -> (out, state, writes) runs the stretches between edits;
+    step(state, inputs_t, edit_fn, **kw) -> (state, out_t, writes_t) runs each edited position, where
+    edit_fn(S_t, writes_t) -> S'_t is called between the write and the read.
+    """
+    T = next(iter(inputs.values())).shape[1]
+    at = {}
+    for e in edits:
+        if not t0 <= e.pos < t0 + T:
+            raise ValueError(f"edit at position {e.pos} is outside this forward's positions {t0}..{t0 + T - 1}")
+        at.setdefault(e.pos - t0, []).append(e)
+    outs, parts, start = [], [], 0
+    for t in sorted(at) + [T]:
+        if t > start:
+            o, state, w = chunked(time_slice(inputs, start, t), state, **kw)
+            outs.append(o), parts.append(w)
+        if t == T:
+            break
+        x_t = {k: x[:, t] for k, x in inputs.items()}
+        state, o_t, w_t = step(state, x_t, lambda S, w, es=at[t]: apply_edits(S, w, es, default_write), **kw)
+        outs.append(o_t.unsqueeze(1)), parts.append({k: x.unsqueeze(1) for k, x in w_t.items()})
+        start = t + 1
+    return torch.cat(outs, dim=1), state, cat_time(parts)
+
+
+def rebuild_states(inc_k, inc_v, decay, initial_state=None):
+    """S_t = decay_t ⊙ S_{t−1} + Σ_r inc_k inc_vᵀ for every t, in fp32: the states from stored factors.
+
+    inc_k [B,T,H,r,K], inc_v [B,T,H,r,V], decay [B,T,H,Kd] -> states [B,T,H,K,V]
+    """
+    B, T, H, r, K = inc_k.shape
+    S = inc_k.new_zeros(B, H, K, inc_v.shape[-1], dtype=torch.float32) if initial_state is None \
+        else initial_state.float()
+    states = []
+    for t in range(T):
+        S = decay[:, t, :, :, None].float() * S + outer(inc_k[:, t].float(), inc_v[:, t].float())
+        states.append(S)
+    return torch.stack(states, dim=1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The shared model surface: site checks, generate()
+
+class WriteModel(torch.nn.Module):
+    """Base of the three model classes. Subclasses set:
+      arch          "qwen35" | "mamba2" | "rwkv7"
+      write_layers  the layers that have a matrix state (GDN layers for Qwen3.5; all layers otherwise)
+      n_heads       state heads per write layer;  state_shape (K, V)
+      write_rank    {"additive": r, "increment": r};  default_write "additive" | "increment"
+      layer_kind    a word for the error message, e.g. "Gated DeltaNet"
+    and implement forward(ids, cache=None, use_cache=False, edits=(), capture=None, impl="chunked") -> Output.
+    """
+
+    arch = ""
+    layer_kind = "write"
+    default_write = "additive"
+
+    def check_site(self, layer: int, head: int | None = None):
+        if layer not in self.write_layers:
+            raise ValueError(f"layer {layer} is not a {self.layer_kind} layer; {self.layer_kind} layers: "
+                             f"{list(self.write_layers)}")
+        if head is not None and not 0 <= head < self.n_heads:
+            raise ValueError(f"head {head} is out of range: layer {layer} has heads 0..{self.n_heads - 1}")
+
+    def check_edits(self, edits):
+        for e in edits:
+            self.check_site(e.layer, e.head)
+            K, V = self.state_shape
+            if e.k is not None and (e.k.shape[-1] != K or e.v.shape[-1] != V or e.k.shape[0] != e.v.shape[0]):
+                raise ValueError(f"edit factors k {list(e.k.shape)}, v {list(e.v.shape)} do not fit a "
+                                 f"[{K},{V}] state (want [r,{K}] and [r,{V}])")
+
+    def check_capture(self, capture):
+        if capture is not None:
+            for layer in capture.layers:
+                self.check_site(layer)
+            for head in capture.heads or ():
+                self.check_site(capture.layers[0], head)
+
+    @torch.no_grad()
+    def generate(self, ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 edits=(), cache=None, seed: int | None = None):
+        """Greedy (temperature 0) or sampled continuation of ids [B,T0]; edits at absolute positions apply
+        wherever they fall (prompt or decoded tokens). Returns [B, T0 + max_new_tokens]."""
+        gen = None if seed is None else torch.Generator(device=ids.device).manual_seed(seed)
+        out = [ids]
+        pending = list(edits)
+
+        def run(x, cache):
+            lo, hi = (0 if cache is None else cache.pos), (0 if cache is None else cache.pos) + x.shape[1]
+            now = [e for e in pending if lo <= e.pos < hi]
+            return self(x, cache=cache, use_cache=True, edits=now)
+
+        res = run(ids, cache)
+        for i in range(max_new_tokens):
+            logits = res.logits[:, -1].float()
+            if temperature <= 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = logits.topk(top_k, dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
+            out.append(nxt)
+            if i + 1 < max_new_tokens:
+                res = run(nxt, res.cache)
+        return torch.cat(out, dim=1)

@@ -1,0 +1,132 @@
+"""Reading checkpoints from the Hugging Face Hub or a local directory.
+
+Glossary
+  name_or_path  a Hub repo id ("Qwen/Qwen3.5-0.8B") or a local directory / file
+  revision      a Hub branch, tag or commit (ignored for local paths)
+  state dict    {tensor name: tensor}, read from whatever the checkpoint ships:
+                a sharded safetensors index (model.safetensors.index.json, any shard names),
+                a single *.safetensors, a pytorch_model.bin, or a BlinkDL *.pth
+
+Resolution goes through huggingface_hub, so HF_HUB_OFFLINE=1, the HF cache and revision= behave
+as they do for transformers. Nothing here knows about any architecture.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.pth", "*.txt", "*.model"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as asked: the message names the file or tensor."""
+
+
+def resolve(name_or_path, revision=None, allow_patterns=WEIGHT_PATTERNS) -> Path:
+    """A local directory (or file) as is; otherwise a Hub repo id, downloaded or taken from the HF cache."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    try:
+        return Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=allow_patterns))
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, HFValidationError, OSError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        why = "not in the HF cache and HF_HUB_OFFLINE is set" if offline else type(e).__name__
+        raise CheckpointError(f"cannot find {name_or_path!r}: no such local path, and as a Hub repo: {why}") from None
+
+
+def read_config(path: Path) -> dict | None:
+    """config.json of a checkpoint directory, or None when it has none (BlinkDL .pth releases)."""
+    f = (path if path.is_dir() else path.parent) / "config.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The tensor files of a checkpoint, in the order of precedence safetensors > .bin > .pth."""
+    if path.is_file():
+        return [path]
+    index = path / "model.safetensors.index.json"
+    if index.exists():  # follow the weight_map, whatever the shards are called
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).exists()]
+        if missing:
+            raise CheckpointError(f"{index} names shard {missing[0]!r}, which is not in {path}")
+        return [path / s for s in shards]
+    for pattern in ("*.safetensors", "pytorch_model*.bin", "*.pth"):
+        found = sorted(path.glob(pattern))
+        if found:
+            return found
+    raise CheckpointError(f"no weights in {path} (looked for *.safetensors, an index, pytorch_model.bin, *.pth)")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint, in their stored dtypes, on the CPU (memory-mapped where the format allows)."""
+    from safetensors.torch import load_file
+    state = {}
+    for f in weight_files(path):
+        if f.suffix == ".safetensors":
+            part = load_file(str(f))
+        else:  # .bin / .pth are zip pickles: weights_only refuses code, mmap avoids a second copy in RAM
+            part = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+        dup = state.keys() & part.keys()
+        if dup:
+            raise CheckpointError(f"tensor {sorted(dup)[0]!r} appears in more than one file of {path}")
+        state.update(part)
+    return state
+
+
+def check_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Size], where: str):
+    """Raise one error naming the first missing, unexpected or mis-shaped tensor (and how many there are)."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shaped = [k for k in expected if k in got and tuple(got[k].shape) != tuple(expected[k])]
+    for kind, names in (("missing", missing), ("unexpected", unexpected)):
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            raise CheckpointError(f"{where}: {kind} tensor {names[0]!r}{more}")
+    if shaped:
+        k = shaped[0]
+        raise CheckpointError(f"{where}: tensor {k!r} has shape {list(got[k].shape)}, expected {list(expected[k])}")
+
+
+class Tokenizer:
+    """The one interface the project uses: encode(text) -> ids, decode(ids) -> text, vocab_size."""
+
+    def __init__(self, tok, eos_id=None):
+        self.tok, self.eos_id = tok, eos_id
+
+    @classmethod
+    def from_file(cls, file, eos_id=None):
+        from tokenizers import Tokenizer as HFTokenizer
+        return cls(HFTokenizer.from_file(str(file)), eos_id)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+
+def load_tokenizer(name_or_path, revision=None, eos_id=None, filename="tokenizer.json") -> Tokenizer:
+    """tokenizer.json from a checkpoint directory, a file, or a Hub repo id (cache / offline aware)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return Tokenizer.from_file(path, eos_id)
+    if path.is_dir():
+        if not (path / filename).exists():
+            raise CheckpointError(f"no {filename} in {path}")
+        return Tokenizer.from_file(path / filename, eos_id)
+    from huggingface_hub import hf_hub_download
+    try:
+        return Tokenizer.from_file(hf_hub_download(str(name_or_path), filename, revision=revision), eos_id)
+    except Exception as e:  # offline, missing repo, missing file: one line that says which
+        raise CheckpointError(f"cannot get {filename} from {name_or_path!r} ({type(e).__name__}); "
+                              f"pass a local tokenizer.json with --tokenizer") from None
