@@ -53,10 +53,12 @@ class Edit:
 
 @dataclass(frozen=True)
 class Capture:
-    """Which write sites a forward records: layers (write layers only), heads (None = all), and S_t."""
+    """Which write sites a forward records: layers (write layers only), heads (None = all), and S_t.
+    stop_after: end the forward after the last captured layer (no logits) — extraction needs no more."""
     layers: tuple
     heads: tuple | None = None
     states: bool = False
+    stop_after: bool = False
 
 
 class Output(NamedTuple):
