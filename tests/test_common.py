@@ -1,0 +1,87 @@
+"""The architecture-independent pieces of models/common.py."""
+
+import pytest
+import torch
+
+from models.common import Cache, Edit, apply_edits, outer, rebuild_states, scan_with_edits
+
+
+def test_edit_validation():
+    k, v = torch.randn(1, 4), torch.randn(1, 3)
+    with pytest.raises(ValueError, match="op must be"):
+        Edit(0, 0, 0, op="swap", k=k, v=v)
+    with pytest.raises(ValueError, match="needs k and v"):
+        Edit(0, 0, 0, op="add")
+    with pytest.raises(ValueError, match="needs no k, v"):
+        Edit(0, 0, 0, op="delete", k=k, v=v)
+    with pytest.raises(ValueError, match="write must be"):
+        Edit(0, 0, 0, op="delete", write="both")
+
+
+def test_cache_copies_are_independent():
+    c = Cache(5, [{"state": torch.zeros(2, 3)}])
+    d = c.copy()
+    d.layers[0]["state"] += 1
+    assert c.layers[0]["state"].abs().sum() == 0
+    r = Cache(5, [{"state": torch.arange(2.0)[:, None].expand(2, 3).clone()}]).repeat(3)
+    assert r.layers[0]["state"][:, 0].tolist() == [0, 0, 0, 1, 1, 1] and r.pos == 5
+    s = r.select([4])
+    s.layers[0]["state"] += 1
+    assert r.layers[0]["state"][4, 0] == 1 and s.layers[0]["state"][0, 0] == 2
+
+
+def test_apply_edits_replace_add_delete_on_one_row_and_head():
+    B, H, K, V = 2, 3, 4, 5
+    S = torch.randn(B, H, K, V)
+    w = {"add_k": torch.randn(B, H, 1, K), "add_v": torch.randn(B, H, 1, V),
+         "inc_k": torch.randn(B, H, 2, K), "inc_v": torch.randn(B, H, 2, V)}
+    x_k, x_v = torch.randn(1, K), torch.randn(1, V)
+    out = apply_edits(S, w, [Edit(0, 1, 0, "replace", x_k, x_v, batch=1)], "additive")
+    want = S.clone()
+    want[1, 1] += -outer(w["add_k"][1, 1], w["add_v"][1, 1]) + outer(x_k, x_v)
+    torch.testing.assert_close(out, want)
+    out = apply_edits(S, w, [Edit(0, 2, 0, "delete", write="increment")], "additive")
+    want = S.clone()
+    want[:, 2] -= outer(w["inc_k"][:, 2], w["inc_v"][:, 2])
+    torch.testing.assert_close(out, want)
+    assert torch.equal(apply_edits(S, w, [], "additive"), S)
+
+
+
+def _step(S, x, edit_fn=None):
+    """A toy recurrence of the contract's shape: S_t = d_t S_{t-1} + k_t v_tᵀ, o_t = S_tᵀ q_t."""
+    S = x["decay"][..., None] * S + outer(x["inc_k"], x["inc_v"])
+    w = {k: x[k] for k in ("inc_k", "inc_v", "decay")} | {"add_k": x["inc_k"], "add_v": x["inc_v"]}
+    if edit_fn is not None:
+        S = edit_fn(S, w)
+    return S, torch.einsum("bhkv,bhk->bhv", S, x["q"]), w
+
+
+def _loop(inputs, S):
+    outs, ws = [], []
+    for t in range(inputs["q"].shape[1]):
+        S, o, w = _step(S, {k: x[:, t] for k, x in inputs.items()})
+        outs.append(o), ws.append(w)
+    return torch.stack(outs, 1), S, {k: torch.stack([w[k] for w in ws], 1) for k in ws[0]}
+
+
+def test_scan_with_edits_and_rebuild():
+    torch.manual_seed(0)
+    B, T, H, K, V = 2, 9, 2, 3, 4
+    inputs = {"q": torch.randn(B, T, H, K), "inc_k": torch.randn(B, T, H, 1, K),
+              "inc_v": torch.randn(B, T, H, 1, V), "decay": torch.rand(B, T, H, 1)}
+    S0 = torch.randn(B, H, K, V)
+    out, S, w = scan_with_edits(_loop, _step, inputs, S0, [], t0=10, default_write="additive")
+    ref, S_ref, _ = _loop(inputs, S0)
+    torch.testing.assert_close(out, ref)
+    states = rebuild_states(w["inc_k"], w["inc_v"], w["decay"], S0)
+    torch.testing.assert_close(states[:, -1], S_ref)
+    # deleting the write at absolute position 14 (= t 4) equals the loop with that write zeroed
+    out_e, S_e, _ = scan_with_edits(_loop, _step, inputs, S0, [Edit(0, 1, 14, "delete")], 10, "additive")
+    cut = {k: x.clone() for k, x in inputs.items()}
+    cut["inc_k"][:, 4, 1] = 0
+    ref_e, S_ref_e, _ = _loop(cut, S0)
+    torch.testing.assert_close(out_e, ref_e)
+    torch.testing.assert_close(S_e, S_ref_e)
+    with pytest.raises(ValueError, match="outside this forward"):
+        scan_with_edits(_loop, _step, inputs, S0, [Edit(0, 1, 3, "delete")], 10, "additive")
