@@ -4,13 +4,14 @@ Dispatch is on the checkpoint's config.json (or its absence):
   model_type qwen3_5 / qwen3_5_text          -> models.qwen35   (Qwen3.5 Gated DeltaNet hybrid)
   model_type mamba2, or a raw mamba_ssm config -> models.mamba2   (d_model / n_layer / ssm_cfg, no model_type)
   model_type rwkv7, or no config and a .pth   -> models.rwkv7    (fla safetensors / BlinkDL state dict)
+"demo/gdn", "demo/mamba2", "demo/rwkv7" name the small pretrained models committed with the project.
 """
 
 import importlib
 
 import torch
 
-from . import hub
+from . import demo, hub
 from .common import Capture, Cache, Edit, Output, WriteModel, rebuild_states  # noqa: F401  (the public API)
 
 ARCHS = {"qwen35": "Qwen3.5 (Gated DeltaNet)", "mamba2": "Mamba-2", "rwkv7": "RWKV-7"}
@@ -33,7 +34,10 @@ def detect_arch(config: dict | None) -> str:
 def load_model(name_or_path, device="cpu", dtype=torch.float32, revision=None, tokenizer=None):
     """A Hub repo id or local directory -> (model in eval mode, tokenizer). tokenizer= overrides the
     tokenizer source (a tokenizer.json, a directory, or a repo id)."""
-    path = hub.resolve(name_or_path, revision=revision)
+    if str(name_or_path).startswith("demo/"):  # the committed demo checkpoints (models/demo.py)
+        path = demo.demo_path(name_or_path)
+    else:
+        path = hub.resolve(name_or_path, revision=revision)
     arch = detect_arch(hub.read_config(path))
     module = importlib.import_module(f"{__name__}.{arch}")
     model, tok = module.from_pretrained(path, device=device, dtype=dtype, tokenizer=tokenizer)

@@ -1,0 +1,399 @@
+"""Train a WriteSAE on the recurrent state S_t of one (layer, head), or of several heads of one layer at once.
+
+  python train.py                                                     # demo GDN model, middle GDN layer, head 0
+  python train.py --model Qwen/Qwen3.5-0.8B --layer 9 --head 4 --data owt.jsonl --device cuda
+  torchrun --standalone --nproc_per_node 4 train.py --head all ...    # ranks share extraction and batches
+
+Pipeline (data.py): corpus -> token blocks, 80/20 split of whole blocks -> the model runs up to --layer; the factor
+store keeps per token and head only the increment factors and log-decay (O(K+V) numbers, memory-mapped) -> batches
+of S_t rebuilt from them in fp32 on the training device -> writesae.train_step, the heads as one batch of SAEs.
+torchrun: each rank extracts every world-th block into the same files and trains on its share of each batch;
+gradients are averaged weighted by local batch sizes (a split of one batch gives that batch's gradient), an atom
+fired if it fired on any rank, and where a rank decides from its own batch (resampling, BatchTopK's threshold)
+rank 0's SAE is broadcast. Rank 0 writes.
+
+Run directory (--out, default runs/<model>-L<layer>-H<heads>):
+  config.json      arguments, git commit, site (arch, layer, heads, K, V, --write), SAE config, data sizes
+  blocks.json      + blocks.safetensors: the token blocks and the train / val block indices (eval.py uses val)
+  store/           the factor store (reused when model weights, layer, heads, tokens and store dtype match)
+  metrics.jsonl    {"step", "train": {...}} and {"step", "val": {...}} records; val FVE is the number to watch
+  best/, last/     WriteSAE directories (cfg.json + sae.safetensors; last/ adds train_state.pt), each written
+                   beside and renamed into place, so a crash leaves the previous one
+
+Defaults follow DESIGN.md §4. Scale-down rule for tiny models: unless given, n_feat = min(2048, 2·K·V) and
+k = min(32, n_feat / 16), so a state with K·V ≥ 1024 gets the paper's 2048 / 32 and only a smaller one is shrunk.
+"""
+
+import argparse
+import itertools
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import data
+import writesae
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NOT_BINDING = ("resume", "max_steps", "device", "out", "log_every")  # may change between a run and its --resume
+
+
+class Help(argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action):  # every set default visible in --help
+        shown = action.default not in (None, False, argparse.SUPPRESS) and "default" not in (action.help or "")
+        return (action.help or "") + (f" (default: {action.default})" if shown else "")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    # ---- model and site ------------------------------------------------------------------------------------
+    p.add_argument("--model", default="demo/gdn", help="Hub repo id, local checkpoint dir, or demo/gdn|mamba2|rwkv7")
+    p.add_argument("--layer", type=int, default=None, help="a write layer (default: the middle one)")
+    p.add_argument("--head", default="0", help="a head, a list (1,2,5) or all: one SAE each, trained together")
+    p.add_argument("--write", choices=("additive", "increment"), default=None,
+                   help="the native write eval.py substitutes (default: the model's); the SAE input is always S_t")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="SAE and model device")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights (recurrences run in fp32)")
+    # ---- data ----------------------------------------------------------------------------------------------
+    p.add_argument("--data", nargs="+", default=["demo"], help="text files, .jsonl with a text field, or demo")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per block; every block starts from S = 0")
+    p.add_argument("--n-seqs", type=int, default=2000, help="at most this many blocks")
+    p.add_argument("--val-frac", type=float, default=0.2, help="held-out share of the blocks")
+    p.add_argument("--positions", default="64", type=positions_arg,
+                   help="states per sequence and epoch: a number (random) or all")
+    p.add_argument("--store-dtype", choices=data.STORE_DTYPES, default="float16", help="see data.py's glossary")
+    p.add_argument("--extract-batch", type=int, default=8, help="blocks per model forward during extraction")
+    p.add_argument("--store", default=None, help="factor store directory (default: <out>/store)")
+    # ---- SAE -----------------------------------------------------------------------------------------------
+    p.add_argument("--variant", choices=writesae.VARIANTS, default="write", help="see writesae.py")
+    p.add_argument("--rank", type=int, default=None, help="atom rank (default 1; 2 for RWKV-7)")
+    p.add_argument("--n-feat", type=int, default=None, help="dictionary size (default 2048, see the scale-down rule)")
+    p.add_argument("--k", type=int, default=None, help="active atoms per state (default 32, see the rule)")
+    p.add_argument("--tied", action="store_true", help="write variant: encoder factors = decoder factors")
+    p.add_argument("--batch-topk", action="store_true", help="BatchTopK instead of TopK")
+    p.add_argument("--k-aux", type=int, default=256, help="AuxK: dead atoms fit to the residual")
+    p.add_argument("--lambda-aux", type=float, default=1e-2, help="AuxK weight (paper 1e-2, released code 1.0)")
+    p.add_argument("--dead-after", type=int, default=100, help="steps silent before an atom counts as dead")
+    p.add_argument("--renorm-every", type=int, default=100, help="decoder factors back to unit norm")
+    p.add_argument("--resample-every", type=int, default=250, help="dead atoms resampled (at most total/4)")
+    # ---- optimisation --------------------------------------------------------------------------------------
+    p.add_argument("--epochs", type=int, default=20, help="passes over the training blocks")
+    p.add_argument("--batch", type=int, default=256, help="states per step (over all ranks)")
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam peak learning rate")
+    p.add_argument("--lr-end", type=float, default=3e-5, help="cosine floor")
+    p.add_argument("--warmup", type=int, default=50, help="linear warmup steps (at most total/4)")
+    p.add_argument("--seed", type=int, default=42, help="split, SAE init, positions and batch order")
+    # ---- run -----------------------------------------------------------------------------------------------
+    p.add_argument("--out", default=None, help="run directory (default runs/<model>-L<layer>-H<heads>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly (same arguments)")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between validations (default: an epoch)")
+    p.add_argument("--val-states", type=int, default=8192, help="validation states (a fixed sample)")
+    p.add_argument("--log-every", type=int, default=10, help="steps between train records in metrics.jsonl")
+    p.add_argument("--max-steps", type=int, default=None, help="stop at this step as Ctrl-C does (save last/)")
+    return p.parse_args(argv)
+
+
+def positions_arg(s: str) -> str:
+    if s != "all" and not (s.isdigit() and int(s) > 0):
+        raise argparse.ArgumentTypeError(f"want a positive number or all, not {s!r}")
+    return s
+
+
+def parse_heads(spec: str, n_heads: int) -> list[int]:
+    if spec == "all":
+        return list(range(n_heads))
+    try:
+        heads = [int(h) for h in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--head must be a number, a list like 1,2,5, or all; got {spec!r}") from None
+    if len(set(heads)) != len(heads):
+        raise ValueError(f"--head lists a head twice: {spec}")
+    return heads
+
+
+def default_out(model: str, layer: int, heads: list[int], n_heads: int) -> Path:
+    name = Path(model).name if Path(model).expanduser().exists() else model.replace("/", "-")
+    tag = "all" if heads == list(range(n_heads)) else "_".join(map(str, heads))
+    return Path("runs") / f"{name}-L{layer}-H{tag}"
+
+
+def git_commit() -> str | None:  # None outside a git checkout
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    except OSError:
+        return None
+    return git.stdout.strip() or None
+
+
+def replace_dir(dst: Path, write):
+    """write(tmp) a directory, then swap it in for dst: a crash leaves dst or dst.old complete."""
+    tmp, old = dst.with_name(dst.name + ".tmp"), dst.with_name(dst.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Several ranks: gradients averaged over the global batch, dead atoms counted over it, rank 0 breaks ties
+
+class GlobalDeadTracker(writesae.DeadTracker):
+    def update(self, codes):  # an atom fired in this step if it fired on any rank
+        fired = (codes > 0).any(1).int()                                                 # [h,n]
+        dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+        self.steps = torch.where(fired.bool(), 0, self.steps + 1)
+
+
+def average_grads(params, weight):
+    """An optimiser pre-step hook: grad ← Σ_ranks (b_rank / batch) grad_rank, as one flat all-reduce."""
+    def hook(opt, *_):
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.flatten() for g in grads]) * weight
+        dist.all_reduce(flat)
+        for p, g in zip(params, flat.split([q.numel() for q in params])):
+            p.grad = g.view_as(p)
+    return hook
+
+
+def broadcast_state(sae, opt):
+    tensors = [*sae.parameters(), *sae.buffers()]
+    tensors += [v for p in sae.parameters() for v in opt.state.get(p, {}).values() if torch.is_tensor(v) and v.dim()]
+    flat = torch.cat([t.detach().flatten() for t in tensors])
+    dist.broadcast(flat, 0)
+    with torch.no_grad():
+        for t, x in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(x.view_as(t))
+
+
+def reduce_sum(x, world):
+    if world > 1:
+        dist.all_reduce(x)
+    return x
+
+
+@torch.no_grad()
+def validate(sae, batches, world) -> dict:
+    """Validation MSE (per element), FVE = 1 − SSE / SST (SST about the validation mean), L0, alive atoms."""
+    sae.eval()
+    h, n, K, V = sae.cfg.n_sae, sae.cfg.n_feat, sae.cfg.d_k, sae.cfg.d_v
+    dev = sae.b_dec.device
+    sums = torch.zeros(4, h, dtype=torch.float64, device=dev)        # count, SSE, Σ‖S‖², Σ L0
+    total = torch.zeros(h, K, V, dtype=torch.float64, device=dev)    # Σ S
+    fired = torch.zeros(h, n, dtype=torch.float64, device=dev)       # states each atom was active on
+    for S in batches:                                                # [h,B,K,V]
+        out = sae(S)
+        active = (out.codes > 0).double()                            # [h,B,n]
+        sums += torch.stack([torch.full((h,), S.shape[1], device=dev), (S - out.recon).pow(2).sum((1, 2, 3)),
+                             S.pow(2).sum((1, 2, 3)), active.sum((1, 2))]).double()
+        total, fired = total + S.sum(1), fired + active.sum(1)
+    count, sse, ss, l0 = reduce_sum(sums, world)
+    total, fired = reduce_sum(total, world), reduce_sum(fired, world) > 0
+    sst = ss - total.pow(2).sum((1, 2)) / count
+    head = {"mse": (sse / (count * K * V)).tolist(), "fve": (1 - sse / sst).tolist(), "l0": (l0 / count).tolist(),
+            "alive": fired.sum(-1).int().tolist()}
+    sae.train()
+    return {**{k: sum(v) / h for k, v in head.items() if k != "alive"}, "alive": sum(head["alive"]),
+            "dead": h * n - sum(head["alive"]), "heads": head}
+
+
+# --------------------------------------------------------------------------------------------------------
+
+def run(args):
+    from tqdm import tqdm
+    from models import load_model
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, device = int(os.environ.get("RANK", 0)), args.device
+    if world > 1:
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    barrier = dist.barrier if world > 1 else None
+    say = (lambda *a: tqdm.write(" ".join(map(str, a)))) if rank == 0 else (lambda *a: None)
+    torch.manual_seed(args.seed)
+    positions = args.positions if args.positions == "all" else int(args.positions)
+
+    # ---- model, site, run directory ----
+    model, tok = load_model(args.model, device=device, dtype=DTYPES[args.dtype])
+    layer = model.write_layers[len(model.write_layers) // 2] if args.layer is None else args.layer
+    model.check_site(layer)
+    heads = parse_heads(args.head, model.n_heads)
+    for h in heads:
+        model.check_site(layer, h)
+    arch, write, K, V = model.arch, args.write or model.default_write, *model.state_shape
+    out = Path(args.out) if args.out else default_out(args.model, layer, heads, model.n_heads)
+    for name in ("last", "best"):  # finish a swap a crash interrupted
+        if not (out / name).exists() and (out / f"{name}.old").exists():
+            os.replace(out / f"{name}.old", out / name)
+    if args.resume:
+        if not (out / "last" / "train_state.pt").exists():
+            raise ValueError(f"nothing to resume in {out}: no last/ checkpoint")
+        saved = json.loads((out / "config.json").read_text())["args"]
+        for k, v in saved.items():
+            if k not in NOT_BINDING and v != vars(args).get(k):
+                raise ValueError(f"--resume needs the run's arguments: it used --{k.replace('_', '-')} {v}, "
+                                 f"not {vars(args).get(k)}")
+
+    # ---- corpus, blocks, split, factor store ----
+    blocks = data.make_blocks(data.read_texts(args.data), tok, args.seq_len, args.n_seqs, names=args.data)
+    train_ids, val_ids = data.split_blocks(len(blocks), args.val_frac, args.seed)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        data.save_blocks(out, blocks, train_ids, val_ids)
+        for name in () if args.resume else ("best", "last"):  # a fresh run never leaves an older run's SAE behind
+            shutil.rmtree(out / name, ignore_errors=True)
+    store_dir = Path(args.store) if args.store else out / "store"
+    weights = f"{sum(p.double().sum().item() for p in model.parameters()):.15e}"  # a re-trained model differs
+    key = {"checkpoint": args.model, "weights": weights, "tokens": data.fingerprint(blocks), "layer": layer,
+           "heads": heads, "dtype": args.store_dtype}
+    store = data.FactorStore.open(store_dir)
+    reuse = store is not None and all(store.meta.get(k) == v for k, v in key.items())
+    if barrier:
+        barrier()
+    if reuse:
+        say(f"reusing the factor store in {store_dir}")
+    else:
+        store = data.extract(model, blocks, layer, heads, store_dir, args.store_dtype, args.extract_batch, rank,
+                             world, barrier, progress=rank == 0, checkpoint=args.model, weights=weights,
+                             tokens=key["tokens"])
+    say(f"factor store: {store.bytes_per_token_head()} bytes a token a head ({args.store_dtype}) instead of "
+        f"{K * V * 4} for the fp32 state")
+    del model
+
+    # ---- SAE, optimiser, loaders ----
+    n_feat = args.n_feat or min(2048, 2 * K * V)
+    cfg = writesae.SAEConfig(
+        d_k=K, d_v=V, variant=args.variant, rank=args.rank or (2 if arch == "rwkv7" else 1), n_feat=n_feat,
+        k=args.k or min(32, max(1, n_feat // 16)), tied=args.tied, batch_topk=args.batch_topk, k_aux=args.k_aux,
+        lambda_aux=args.lambda_aux, dead_after=args.dead_after, renorm_every=args.renorm_every,
+        resample_every=args.resample_every, n_sae=len(heads), lr=args.lr, lr_end=args.lr_end, warmup=args.warmup)
+    m = args.seq_len if positions == "all" else min(positions, args.seq_len)
+    batch = min(args.batch, len(train_ids) * m)
+    if batch < args.batch:
+        say(f"note: --batch {args.batch} is more than the {batch} training states an epoch has; using {batch}")
+    loader = data.StateLoader(store, train_ids, positions, batch, device, args.seed, rank, world)
+    val_batch = min(args.batch, len(val_ids) * m)
+    val_loader = data.StateLoader(store, val_ids, positions, val_batch, device, args.seed + 1, rank, world)
+    val_steps = min(val_loader.steps, max(1, args.val_states // val_batch))
+    if min(loader.steps, val_steps) < 1:
+        raise ValueError(f"too few blocks for {world} ranks: {len(train_ids)} train / {len(val_ids)} val blocks")
+    total = args.epochs * loader.steps
+    eval_every = args.eval_every or loader.steps
+    sae = writesae.WriteSAE(cfg, seed=args.seed).to(device)
+    opt = torch.optim.Adam(sae.parameters(), lr=args.lr)
+    tracker = (GlobalDeadTracker if world > 1 else writesae.DeadTracker)(cfg, device=device)
+    if world > 1:
+        opt.register_step_pre_hook(average_grads(list(sae.parameters()), loader.batch / batch))
+    step, best, saved_at = 0, math.inf, None
+    if args.resume:
+        from safetensors.torch import load_file
+        sae.load_state_dict(load_file(str(out / "last" / "sae.safetensors"), device=str(device)))
+        st = torch.load(out / "last" / "train_state.pt", map_location="cpu", weights_only=True)
+        opt.load_state_dict(st["opt"]), tracker.load_state_dict(st["tracker"]), torch.set_rng_state(st["rng"])
+        step, best, saved_at = st["step"], st["best"], st["step"]
+        say(f"resuming {out} at step {step}")
+    else:
+        s, n = loader.mean_state()
+        s, n = reduce_sum(s, world), reduce_sum(torch.tensor(float(n), dtype=torch.float64, device=s.device), world)
+        sae.init_b_dec_((s / n).float())                             # M = the mean training state
+    if rank == 0:
+        run_cfg = {"args": vars(args), "git_commit": git_commit(), "torch": torch.__version__, "world": world,
+                   "site": {"arch": arch, "layer": layer, "heads": heads, "K": K, "V": V, "write": write},
+                   "sae": asdict(cfg), "data": {"n_blocks": len(blocks), "train_blocks": len(train_ids),
+                   "val_blocks": len(val_ids), "positions": m, "batch": batch, "steps_per_epoch": loader.steps,
+                   "total_steps": total, "store": str(store_dir)}}
+        if not args.resume:
+            (out / "config.json").write_text(json.dumps(run_cfg, indent=1) + "\n")
+        log = [line for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step] \
+            if args.resume and (out / "metrics.jsonl").exists() else []
+        metrics = open(out / "metrics.jsonl", "w")
+        metrics.writelines(line + "\n" for line in log)
+
+    def record(rec):
+        if rank == 0:
+            metrics.write(json.dumps(rec) + "\n"), metrics.flush()
+
+    def save(name, with_state):
+        def write(d):
+            sae.save(d)
+            if with_state:
+                torch.save({"step": step, "opt": opt.state_dict(), "tracker": tracker.state_dict(),
+                            "rng": torch.get_rng_state(), "best": best}, d / "train_state.pt")
+        if rank == 0:
+            replace_dir(out / name, write)
+
+    def evaluate():
+        v = validate(sae, itertools.islice(val_loader.epoch(0), val_steps), world)
+        record({"step": step, "val": v})
+        say(f"step {step:6d} | val FVE {v['fve']:.3f} | mse {v['mse']:.3e} | L0 {v['l0']:.1f} | "
+            f"alive {v['alive']}/{cfg.n_feat * cfg.n_sae}")
+        return v
+
+    # ---- the loop ----
+    if not args.resume and not cfg.batch_topk:  # the baseline (BatchTopK has no inference threshold before training)
+        evaluate()
+    stop = []  # set by Ctrl-C / SIGTERM; acted on once all ranks know (the last entry of the step's all-reduce)
+    handlers = {s: signal.signal(s, lambda *_: stop.append(1)) for s in (signal.SIGINT, signal.SIGTERM)}
+    period = min(cfg.resample_every, max(total // 4, 1))  # writesae.train_step's resampling schedule
+    bar = tqdm(total=total, initial=step, desc=f"train L{layer} H{args.head}", disable=rank != 0, unit="step")
+    names = ("loss", "mse", "aux", "fve", "l0")
+    try:
+        for S in loader.batches(step) if step < total else ():
+            st = writesae.train_step(sae, opt, S, step, tracker, total)
+            if world > 1 and (cfg.batch_topk or (step > 0 and step % period == 0)):
+                broadcast_state(sae, opt)
+            *vals, halt = reduce_sum(torch.tensor([st[k] * loader.batch / batch for k in names] + [len(stop)],
+                                                  dtype=torch.float64, device=S.device), world).tolist()
+            if not all(map(math.isfinite, vals)):
+                raise ValueError(f"loss is {vals[0]} at step {step}: stopped; the last good checkpoint "
+                                 f"{f'(step {saved_at})' if saved_at is not None else '(none yet)'} is {out}/last")
+            step += 1
+            bar.update(1), bar.set_postfix(loss=f"{vals[0]:.3g}", fve=f"{vals[3]:.3f}", dead=st["dead"])
+            if step % args.log_every == 0:
+                record({"step": step, "train": {**dict(zip(names, vals)), "dead": st["dead"], "lr": st["lr"]}})
+            if step % eval_every == 0 or step == total:
+                v = evaluate()
+                if v["mse"] < best:
+                    best = v["mse"]
+                    save("best", False)
+                save("last", True)
+                saved_at = step
+            if halt or step in (args.max_steps, total):
+                break
+        if step < total:
+            if saved_at != step:
+                save("last", True)
+            say(f"stopped at step {step}/{total}: saved {out}/last; continue with the same command and --resume")
+        else:
+            say(f"done: best val MSE {best:.3e}; the SAE is in {out}/best")
+    finally:
+        bar.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        if rank == 0:
+            metrics.close()
+        if world > 1:
+            dist.destroy_process_group()
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError) as e:  # bad input: one line that names it (hub.CheckpointError is a ValueError)
+        sys.exit(f"train.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
