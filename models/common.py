@@ -140,6 +140,8 @@ def scan_with_edits(chunked, step, inputs: dict, state, edits, t0: int, default_
         state, o_t, w_t = step(state, x_t, lambda S, w, es=at[t]: apply_edits(S, w, es, default_write), **kw)
         outs.append(o_t.unsqueeze(1)), parts.append({k: x.unsqueeze(1) for k, x in w_t.items()})
         start = t + 1
+    if len(outs) == 1:  # no edit here: joining one part would only copy every writes tensor
+        return outs[0], state, parts[0]
     return torch.cat(outs, dim=1), state, cat_time(parts)
 
 
