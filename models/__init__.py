@@ -11,7 +11,7 @@ import importlib
 
 import torch
 
-from . import demo, hub
+from . import hub
 from .common import Capture, Cache, Edit, Output, WriteModel, rebuild_states  # noqa: F401  (the public API)
 
 ARCHS = {"qwen35": "Qwen3.5 (Gated DeltaNet)", "mamba2": "Mamba-2", "rwkv7": "RWKV-7"}
@@ -35,7 +35,8 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32, revision=None, t
     """A Hub repo id or local directory -> (model in eval mode, tokenizer). tokenizer= overrides the
     tokenizer source (a tokenizer.json, a directory, or a repo id)."""
     if str(name_or_path).startswith("demo/"):  # the committed demo checkpoints (models/demo.py)
-        path = demo.demo_path(name_or_path)
+        from .demo import demo_path  # imported here: `python -m models.demo` must not find itself pre-imported
+        path = demo_path(name_or_path)
     else:
         path = hub.resolve(name_or_path, revision=revision)
     arch = detect_arch(hub.read_config(path))
