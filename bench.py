@@ -10,8 +10,8 @@ rise of the peak resident set over the set-up, measured in a forked child per si
 """
 
 import argparse
+import ctypes
 import os
-import resource
 import statistics
 import time
 
@@ -62,18 +62,25 @@ def peak_memory(setup, run, device="cpu") -> float:
     pid = os.fork()
     if pid == 0:  # child: measure, report, exit without running the parent's atexit hooks
         os.close(r)
-        torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork: a parallel op would hang
-        state = setup()
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        torch.set_num_threads(1)                # the parent's OpenMP pool does not survive fork: it would hang
+        ctypes.CDLL(None).mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: freed blocks >= 64 kB go back to the OS,
+        state = setup()                         # so the resident set measures live memory, not the heap's habits
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                        # reset the peak mark: set-up's own transient peak is not run's
+        base = _status_kb("VmRSS")
         run(state)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        os.write(w, str((peak - base) / 1024).encode())
+        os.write(w, str((_status_kb("VmHWM") - base) / 1024).encode())
         os._exit(0)
     os.close(w)
     with os.fdopen(r) as f:
         out = f.read()
     os.waitpid(pid, 0)
     return float(out)
+
+
+def _status_kb(field) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def report(title, rows):
@@ -121,24 +128,7 @@ def bench_gdn(device="cpu", reps=5):
         with torch.no_grad():
             return m(ids).logits
 
-    def in_child(make):
-        """On a CPU peak_memory runs setup in a fork()ed child: OpenMP's thread pool, already started here,
-        deadlocks there unless the child stays on one thread; glibc must hand every block >= 64 kB back to
-        the OS when freed (else the RSS measures what the heap happened to keep from the model's build);
-        and the peak-RSS mark is reset after the build, whose own transient peak would hide the forward's."""
-        def setup():
-            if not str(device).startswith("cuda"):
-                import ctypes
-                ctypes.CDLL(None).mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
-                torch.set_num_threads(1)
-            model = make()
-            if not str(device).startswith("cuda"):
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-            return model
-        return setup
-
-    mem = {name: peak_memory(in_child(make), forward, device)
+    mem = {name: peak_memory(make, forward, device)
            for name, make in (("ours", ours), ("transformers", theirs))}
 
     B, T, H, K, V = 1, 1024, 16, 128, 128
@@ -195,20 +185,11 @@ def bench_mamba2(device="cpu", reps=5):
     def ours():  # random weights: the memory child must not build transformers' model too
         return mamba2.Mamba2ForCausalLM(mamba2.Mamba2Config.from_hf(cfg.to_dict())).to(device).eval()
 
-    def built(make):  # transformers' constructor peaks 206 MB above what it keeps (an lm_head it then ties):
-        def setup():  # reset the child's peak-RSS mark after building, or that peak would hide the forward's
-            model = make()
-            if not str(device).startswith("cuda"):
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-            return model
-        return setup
-
     def forward(m):
         with torch.no_grad():
             return m(ids).logits
 
-    mem = {name: peak_memory(built(make), forward, device)
+    mem = {name: peak_memory(make, forward, device)
            for name, make in (("ours", ours), ("transformers", theirs))}
     a, b = theirs(), ours()
     b.load_state_dict({n: w for n, w in a.state_dict().items() if n != "lm_head.weight"})  # tied head
@@ -307,12 +288,9 @@ def bench_rwkv7(device="cpu", reps=5):
 
 # ---- sae (writesae.py, train.py) -----------------------------------------------------------------------
 
-def _sae_step_setup(variant, device, K=128, V=128, n_feat=2048, k=32, batch=256, forked=False):
-    """A trained-for-one-step SAE (so Adam's moments exist) and a batch of states. forked: set up inside
-    peak_memory's child on a CPU, where the high-water mark of the set-up itself has to be cleared."""
+def _sae_step_setup(variant, device, K=128, V=128, n_feat=2048, k=32, batch=256):
+    """A trained-for-one-step SAE (so Adam's moments exist) and a batch of states."""
     from writesae import DeadTracker, SAEConfig, WriteSAE, train_step
-    if forked and not str(device).startswith("cuda"):
-        torch.set_num_threads(1)  # a forked child deadlocks in the parent's OpenMP pool at its first parallel op
     cfg = SAEConfig(d_k=K, d_v=V, variant=variant, n_feat=n_feat, k=k)
     sae = WriteSAE(cfg, seed=0).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
@@ -321,9 +299,6 @@ def _sae_step_setup(variant, device, K=128, V=128, n_feat=2048, k=32, batch=256,
     S = (torch.randn(1, batch, K, 4, generator=g) @ torch.randn(1, batch, 4, V, generator=g)).to(device)
     train_step(sae, opt, S, 1, tracker, 1000)
     opt.zero_grad(set_to_none=True)  # the base: parameters, Adam moments, data; gradients belong to the step
-    if forked and not str(device).startswith("cuda"):
-        with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS, which the warm-up step raised
-            f.write("5")
     return sae, opt, S, tracker
 
 
@@ -336,7 +311,7 @@ def bench_sae(device="cpu", reps=5):
     steps = {v: (lambda s=s: train_step(*s[:2], s[2], 2, s[3], 1000)) for v, s in sides.items()}
     t = time_interleaved(steps, device=device, reps=reps)
     del sides, steps
-    mem = {v: peak_memory(lambda v=v: _sae_step_setup(v, device, forked=True),
+    mem = {v: peak_memory(lambda v=v: _sae_step_setup(v, device),
                           lambda s: train_step(s[0], s[1], s[2], 2, s[3], 1000), device) for v in ("write", "flat")}
     report("SAE training step (K = V = 128, n_feat 2048, k 32, batch 256)", [
         ("write SAE step", f"{t['write'] * 1e3:.1f} ms"),

@@ -115,6 +115,23 @@ class Tokenizer:
         return self.tok.get_vocab_size()
 
 
+class MissingTokenizer(Tokenizer):
+    """Stands in when a checkpoint's tokenizer cannot be had: ids work everywhere, text fails with the reason."""
+
+    def __init__(self, why, eos_id, vocab_size):
+        super().__init__(None, eos_id)
+        self.why, self.n = why, vocab_size
+
+    def encode(self, text):
+        raise CheckpointError(self.why)
+
+    decode = encode
+
+    @property
+    def vocab_size(self):
+        return self.n
+
+
 def load_tokenizer(name_or_path, revision=None, eos_id=None, filename="tokenizer.json") -> Tokenizer:
     """tokenizer.json from a checkpoint directory, a file, or a Hub repo id (cache / offline aware)."""
     path = Path(name_or_path).expanduser()

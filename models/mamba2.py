@@ -362,29 +362,12 @@ class Mamba2ForCausalLM(WriteModel):
 RENAME = {"backbone.embedding.weight": "backbone.embeddings.weight"}  # raw mamba_ssm -> HF-converted names
 
 
-class MissingTokenizer(hub.Tokenizer):
-    """Stands in when the tokenizer cannot be had: ids work everywhere, text fails with the reason, in one line."""
-
-    def __init__(self, why, eos_id, vocab_size):
-        super().__init__(None, eos_id)
-        self.why, self.n = why, vocab_size
-
-    def encode(self, text):
-        raise hub.CheckpointError(self.why)
-
-    decode = encode
-
-    @property
-    def vocab_size(self):
-        return self.n
-
-
 def load_tokenizer(path: Path, tokenizer, cfg: Mamba2Config):
     """tokenizer= if given (a failure raises; False = none wanted); else the checkpoint's tokenizer.json; else
     GPT-NeoX-20B's. A raw repo ships none, and offline the default may be unreachable: the model still loads for
     callers that pass ids, with a warning, and the tokenizer raises the reason on first use."""
     if tokenizer is False:
-        return MissingTokenizer("loaded with tokenizer=False: pass ids, or load with tokenizer=", cfg.eos_id,
+        return hub.MissingTokenizer("loaded with tokenizer=False: pass ids, or load with tokenizer=", cfg.eos_id,
                                 cfg.vocab_size)
     if tokenizer is not None or (path / "tokenizer.json").exists():
         return hub.load_tokenizer(tokenizer or path, eos_id=cfg.eos_id)
@@ -393,7 +376,7 @@ def load_tokenizer(path: Path, tokenizer, cfg: Mamba2Config):
     except hub.CheckpointError as e:
         why = f"{path} ships no tokenizer and the default failed: {e}"
         warnings.warn(why, stacklevel=3)
-        return MissingTokenizer(why, cfg.eos_id, cfg.vocab_size)
+        return hub.MissingTokenizer(why, cfg.eos_id, cfg.vocab_size)
 
 
 def from_pretrained(path, device="cpu", dtype=torch.float32, tokenizer=None):

@@ -393,25 +393,9 @@ RENAME = {"model.language_model.": "model."}   # the multimodal wrapper (Qwen3_5
 SKIP = ("model.visual.", "mtp.")               # vision tower, multi-token-prediction head: not used for text
 
 
-class NoTokenizer(hub.Tokenizer):
-    """Stands in when a checkpoint ships no tokenizer.json: ids work everywhere, text fails with one clear line."""
-
-    def __init__(self, path, eos_id, vocab_size):
-        super().__init__(None, eos_id)
-        self.path, self.n = path, vocab_size
-
-    vocab_size = property(lambda self: self.n)
-
-    def encode(self, text):
-        raise hub.CheckpointError(f"no tokenizer.json in {self.path}: pass tokenizer= (a tokenizer.json, "
-                                  f"a directory or a Hub repo id)")
-
-    decode = encode
-
-
 def from_pretrained(path, device="cpu", dtype=torch.float32, tokenizer=None):
     """A checkpoint directory (text-only or the multimodal wrapper, single file or sharded) -> (model, tokenizer).
-    Without tokenizer.json and tokenizer=None the tokenizer is a NoTokenizer that raises on encode/decode."""
+    Without tokenizer.json and tokenizer=None the tokenizer is a hub.MissingTokenizer: ids work, text raises."""
     path = Path(path)
     raw = hub.read_config(path)
     if raw is None:
@@ -439,7 +423,8 @@ def from_pretrained(path, device="cpu", dtype=torch.float32, tokenizer=None):
     if tokenizer is not None or (path / "tokenizer.json").exists():
         tok = hub.load_tokenizer(path if tokenizer is None else tokenizer, eos_id=cfg.eos_token_id)
     else:
-        tok = NoTokenizer(path, cfg.eos_token_id, cfg.vocab_size)
+        tok = hub.MissingTokenizer(f"no tokenizer.json in {path}: pass tokenizer= (a tokenizer.json, a directory "
+                                   f"or a Hub repo id)", cfg.eos_token_id, cfg.vocab_size)
     return model.eval(), tok
 
 
