@@ -29,8 +29,10 @@ import torch
 from tqdm import tqdm
 
 from models import Capture, Edit, load_model
-from writesae import (WriteSAE, frob, frob_cos, install_direction, logit_shift_prediction, norm_jacobian,
-                      substitution_factors, transport_key)
+from writesae import (WriteSAE, atom_write_cosines, frob, install_direction, install_factors,
+                      logit_shift_prediction, shift_predictions, substitution_factors)
+
+F64 = torch.float64
 
 
 # ==== Statistics ====
@@ -43,32 +45,24 @@ def wilson(k, n, z=1.96):
     mid, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
     return (mid - half, mid + half)
 
-
-def normal_p(z):
-    """Two-sided p-value of a standard normal statistic."""
-    return math.erfc(abs(z) / math.sqrt(2))
-
-
 def median_mad(x):
     """Median and MAD/√n (the paper's Table 2 cells)."""
-    x = torch.as_tensor(x, dtype=torch.float64)
+    x = torch.as_tensor(x, dtype=F64)
     m = x.median()
     return m.item(), ((x - m).abs().median() / math.sqrt(len(x))).item()
 
-
 def bootstrap_ci(x, stat="mean", n_boot=5000, seed=0, level=0.95):
     """Percentile bootstrap interval of the mean or median of x."""
-    x = torch.as_tensor(x, dtype=torch.float64)
+    x = torch.as_tensor(x, dtype=F64)
     xs = x[torch.randint(len(x), (n_boot, len(x)), generator=torch.Generator().manual_seed(seed))]  # [n_boot,n]
     s = xs.mean(1) if stat == "mean" else xs.median(1).values
-    lo, hi = torch.quantile(s, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    lo, hi = torch.quantile(s, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=F64))
     return (lo.item(), hi.item())
-
 
 def sign_stats(d, tie=1e-12):
     """Paired statistics of differences d = KL_delete − KL_atom (> 0 is a win): counts, the sign test, the
     Wilcoxon signed-rank test (normal approximation, mid-ranks), paired dominance (wins − losses)/n."""
-    d = torch.as_tensor(d, dtype=torch.float64)
+    d, normal_p = torch.as_tensor(d, dtype=F64), lambda z: math.erfc(abs(z) / math.sqrt(2))  # two-sided
     wins, losses = int((d > tie).sum()), int((d < -tie).sum())
     nz = d[d.abs() > tie]
     a, n = nz.abs(), len(nz)
@@ -79,28 +73,24 @@ def sign_stats(d, tie=1e-12):
     return {"n": len(d), "wins": wins, "losses": losses, "ties": len(d) - n, "sign_p": normal_p(z_sign),
             "wilcoxon_z": z_w, "wilcoxon_p": normal_p(z_w), "paired_dominance": (wins - losses) / max(len(d), 1)}
 
-
 def r2(y, pred):
     """1 − SS_res / SS_tot with no fitted parameter."""
     return (1 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum().clamp_min(1e-30)).item()
-
 
 def ols_r2(y, x):
     """R² of y on one OLS slope plus intercept (= squared Pearson correlation)."""
     c = torch.corrcoef(torch.stack([y, x]).double())[0, 1]
     return (c * c).item() if torch.isfinite(c) else float("nan")
 
-
 def gmm_em(x, k, n_init=5, iters=300, seed=0):
     """1-D Gaussian mixture with k components by EM (our own, no sklearn), n_init random starts run as a batch.
     Returns (means, vars, weights, log-likelihood, BIC) of the best start, BIC = −2 log L + (3k − 1) ln n (lower is
     better, sklearn's convention), components sorted by mean."""
-    x = torch.as_tensor(x, dtype=torch.float64)
+    x = torch.as_tensor(x, dtype=F64)
     n, g = len(x), torch.Generator().manual_seed(seed)
     floor = 1e-6 * x.var().item() + 1e-12
     mu = x[torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(n_init)])]   # [I,k] starts at data points
-    var = torch.full_like(mu, x.var().item() + floor)
-    pi = torch.full_like(mu, 1 / k)
+    var, pi = torch.full_like(mu, x.var().item() + floor), torch.full_like(mu, 1 / k)
     for _ in range(iters):
         logp = -0.5 * ((x[None, :, None] - mu[:, None]) ** 2 / var[:, None] + (2 * math.pi * var[:, None]).log()) \
             + pi[:, None].log()                                               # [I,n,k]
@@ -114,17 +104,16 @@ def gmm_em(x, k, n_init=5, iters=300, seed=0):
     return mu[b, o].tolist(), var[b, o].tolist(), pi[b, o].tolist(), ll[b].item(), \
         -2 * ll[b].item() + (3 * k - 1) * math.log(n)
 
-
 def paired_summary(base, cond, n_boot=5000, seed=0):
     """Mean change cond − base with bootstrap CI, sign-flip permutation p (10⁴), paired Cohen's d."""
-    d = torch.as_tensor(cond, dtype=torch.float64) - torch.as_tensor(base, dtype=torch.float64)
-    g = torch.Generator().manual_seed(seed)
-    flips = torch.randint(0, 2, (10000, len(d)), generator=g).double() * 2 - 1
-    p = ((flips * d).mean(1).abs() >= d.mean().abs() - 1e-12).double().mean().item()
+    base, cond = torch.as_tensor(base, dtype=F64), torch.as_tensor(cond, dtype=F64)
+    d = cond - base
+    flips = torch.randint(0, 2, (10000, len(d)), generator=torch.Generator().manual_seed(seed)).double() * 2 - 1
     sd = d.std().item() if len(d) > 1 else float("nan")
-    return {"mean_base": float(torch.as_tensor(base, dtype=torch.float64).mean()), "mean": float(torch.as_tensor(
-        cond, dtype=torch.float64).mean()), "diff": d.mean().item(), "ci": bootstrap_ci(d, "mean", n_boot, seed),
-        "perm_p": p, "cohen_d": d.mean().item() / sd if sd and sd > 0 else float("nan")}
+    return {"mean_base": base.mean().item(), "mean": cond.mean().item(), "diff": d.mean().item(),
+            "ci": bootstrap_ci(d, "mean", n_boot, seed),
+            "perm_p": ((flips * d).mean(1).abs() >= d.mean().abs() - 1e-12).double().mean().item(),
+            "cohen_d": d.mean().item() / sd if sd and sd > 0 else float("nan")}
 
 
 # ==== The site: model, layer, head, SAE; one unedited scan per held-out block ====
@@ -144,7 +133,6 @@ READ_PATH = {
              "'exact' also uses the GroupNorm's full local Jacobian (centring and σ).",
 }
 
-
 @dataclasses.dataclass
 class Site:
     model: torch.nn.Module
@@ -158,7 +146,6 @@ class Site:
     W_O: torch.Tensor      # [D,V] the head's out-projection columns, fp32
     W_U: torch.Tensor      # [vocab,D] fp32
 
-
 def make_site(model, tok, sae, sae_index, layer, head, write):
     """The site of head `head`, whose SAE is index sae_index of the (possibly multi-head) trained SAE."""
     one = WriteSAE(dataclasses.replace(sae.cfg, n_sae=1), seed=0)
@@ -170,7 +157,6 @@ def make_site(model, tok, sae, sae_index, layer, head, write):
         dk, dv = one.dec_k[0].detach(), one.dec_v[0].detach()
     return Site(model, tok, one, layer, head, write, dk.float(), dv.float(),
                 model.head_out_proj(layer, head).detach().float(), model.lm_head_weight().detach().float())
-
 
 @torch.no_grad()
 def scan(site, ids):
@@ -184,19 +170,14 @@ def scan(site, ids):
     finally:
         hook.remove()
     w = {n: x[0, :, 0].float() for n, x in out.captures[site.layer].items()}
-    S = w.pop("states")                                                       # [T,K,V]
-    x = xs[-1][0]                                                             # [T,D]
-    ln = isinstance(fn, torch.nn.LayerNorm)
+    S, x, ln = w.pop("states"), xs[-1][0], isinstance(fn, torch.nn.LayerNorm)  # [T,K,V], [T,D]
     xc = x - x.mean(-1, keepdim=True) if ln else x
     var = xc.pow(2).mean(-1, keepdim=True) + fn.eps                           # σ² (LayerNorm) or ms (RMSNorm)
     weight = fn.weight.float() if ln else fn(torch.ones_like(x[:1])).float() * math.sqrt(1 + fn.eps)
     # the final norm's Jacobian at x_t is diag(fgain) P with P = I − x̃x̃ᵀ/(D σ²) (− 11ᵀ/D for LayerNorm)
-    fg, proj = weight * torch.rsqrt(var), xc * torch.rsqrt(var * x.shape[-1])
-    codes = torch.cat([site.sae.encode(c[None])[0] for c in S.split(1024)])  # [T,n]
-    read = torch.einsum("tkv,tk->tv", S, w["query"])                         # [T,V] o_t = S_tᵀ q̃_t
-    return {"w": w, "S_norm": S.flatten(1).norm(dim=-1), "read": read, "codes": codes, "fgain": fg, "proj": proj,
-            "center": ln}
-
+    return {"w": w, "S_norm": S.flatten(1).norm(dim=-1), "read": torch.einsum("tkv,tk->tv", S, w["query"]),  # [T,V]
+            "codes": torch.cat([site.sae.encode(c[None])[0] for c in S.split(1024)]),                     # [T,n]
+            "fgain": weight * torch.rsqrt(var), "proj": xc * torch.rsqrt(var * x.shape[-1]), "center": ln}
 
 def unembed(site, sc, t, toks):
     """Rows W_U[tok] carried back through the final norm's exact local Jacobian at t: ⟨row, δr⟩ = Δℓ_tok to
@@ -205,28 +186,16 @@ def unembed(site, sc, t, toks):
     u = u - (u @ sc["proj"][t])[..., None] * sc["proj"][t]
     return u - u.mean(-1, keepdim=True) if sc["center"] else u
 
-
-def native(site, sc, t):  # the native write W_nat at t (or a slice of positions) as factors
+def native(site, sc, t):  # the native write W_nat at t (or a slice of positions) as factors  [r,K], [r,V]
     kind = "add" if site.write == "additive" else "inc"
-    return sc["w"][f"{kind}_k"][t], sc["w"][f"{kind}_v"][t]                   # [r,K], [r,V]
-
-
-def key_norm(sc, t):
-    """(k̂_s, ‖k_s v_sᵀ‖): the native key direction and the write's norm without β (App. I.6)."""
-    k, v = sc["w"]["add_k"][t, :1], sc["w"]["add_v"][t, :1]
-    n = frob(k, v) / (sc["w"]["beta"][t] if "beta" in sc["w"] else 1.0)
-    return k / k.norm().clamp_min(1e-30), n
-
-
-def fastest(T):  # both scans give the same results; a few tokens are cheaper as a loop than as a padded chunk
-    return "recurrent" if T <= 8 else "chunked"
-
+    return sc["w"][f"{kind}_k"][t], sc["w"][f"{kind}_v"][t]
 
 def branches(site, blocks, points, rows_fn, n_after=0, desc=""):
     """For each (b, t) in points: rows_fn(b, t) -> one edit list per row; yields (b, t, logits [n,1+n_after,vocab]).
     Each block's prefix runs once (one cache walked along it); each point is one batched forward of token t
     (+ n_after) from cache.repeat(n), never the whole block again per condition."""
-    by = {}
+    # both scans give the same results; a few tokens are cheaper as a loop than as a padded chunk
+    fastest, by = (lambda T: "recurrent" if T <= 8 else "chunked"), {}
     for b, t in points:
         by.setdefault(b, set()).add(t)
     bar = tqdm(total=sum(map(len, by.values())), desc=desc, leave=False)
@@ -246,88 +215,75 @@ def branches(site, blocks, points, rows_fn, n_after=0, desc=""):
             bar.update()
     bar.close()
 
-
 def edit(site, pos, op, kv=None, **kw):  # an Edit at this site; kv = (k [r,K], v [r,V]) or None for delete
     k, v = (None, None) if kv is None else kv
     return Edit(site.layer, site.head, pos, op, k, v, write=site.write if op != "add" else None, **kw)
 
-
 def sample(items, n, gen):  # n of the items, in their order, drawn with gen
     return [items[j] for j in torch.randperm(len(items), generator=gen)[:n].sort().values]
+
+def seeded(args, j):
+    return torch.Generator().manual_seed(args.seed + j)
 
 
 # ==== Experiment 1: the substitution test (§3.2, App. J) ====
 
 CONDS = ("atom", "delete", "random", "atom_matched", "random_matched")
 
-
 def tie(a, d):  # equal KLs (e.g. an atom X = 0 against delete) are not wins
     return 1e-6 * torch.maximum(a.abs(), d.abs()) + 1e-12
-
 
 def subst_summary(R, mask, args, key="kl"):
     sfx = "_matched" if args.scale == "matched" else ""
     a, d, r = (R[key][:, CONDS.index(c)][mask] for c in ("atom" + sfx, "delete", "random" + sfx))
-    n = len(a)
-    if n == 0:
+    if len(a) == 0:
         return {"n": 0}
-    win, chain = (d - a) > tie(a, d), ((d - a) > tie(a, d)) & ((r - d) > tie(d, r))
+    win, n = (d - a) > tie(a, d), len(a)
+    chain = win & ((r - d) > tie(d, r))
     med = {c: median_mad(x) for c, x in (("atom", a), ("delete", d), ("random", r))}
-    q = torch.quantile(d.double(), torch.tensor([.25, .5, .75], dtype=torch.float64))
-    quart = torch.bucketize(d.double(), q)
+    quart = torch.bucketize(d.double(), torch.quantile(d.double(), torch.tensor([.25, .5, .75], dtype=F64)))
     out = {"n": n, "win": win.float().mean().item(), "win_ci": wilson(int(win.sum()), n),
            "chain": chain.float().mean().item(), "chain_ci": wilson(int(chain.sum()), n), "median": med,
-           "ratio_of_medians": [1.0, med["delete"][0] / max(med["atom"][0], 1e-30),
-                                med["random"][0] / max(med["atom"][0], 1e-30)],
-           "per_firing_ratio": {"delete": (d / a.clamp_min(1e-30)).median().item(),
-                                "random": (r / a.clamp_min(1e-30)).median().item()},
+           "ratio_of_medians": [1.0] + [med[c][0] / max(med["atom"][0], 1e-30) for c in ("delete", "random")],
+           "per_firing_ratio": {c: (x / a.clamp_min(1e-30)).median().item() for c, x in (("delete", d), ("random", r))},
            "sign": sign_stats(torch.where((d - a).abs() > tie(a, d), d - a, torch.zeros_like(d))),
            "failure_by_delete_quartile": [1 - win[quart == j].float().mean().item() for j in range(4)]}
-    atoms, per, nf = R["atom"][mask], [], 0  # population test: per-atom win rates
-    for i in atoms.unique():
-        w = win[atoms == i][:args.per_atom]
-        if len(w) >= args.min_atom_firings:
-            per.append(w.float().mean().item())
-            nf += len(w)
+    atoms = R["atom"][mask]  # population test: the mean of per-atom win rates (≤ --per-atom firings each)
+    per = [w for w in (win[atoms == i][:args.per_atom] for i in atoms.unique()) if len(w) >= args.min_atom_firings]
     if per:
-        p = torch.tensor(per)
-        out["population"] = {"atoms": len(per), "firings": nf, "mean": p.mean().item(), "median": p.median().item(),
-                             "ci": bootstrap_ci(p, "mean", args.boot, args.seed), "range": [p.min().item(),
-                                                                                              p.max().item()]}
+        p = torch.tensor([w.float().mean().item() for w in per])
+        out["population"] = {"atoms": len(per), "firings": sum(map(len, per)), "mean": p.mean().item(),
+                             "median": p.median().item(), "ci": bootstrap_ci(p, "mean", args.boot, args.seed),
+                             "range": [p.min().item(), p.max().item()]}
     return out
-
 
 def firing_kls(site, blocks, scans, picked, gen, horizon=0):
     """KL(p_base ‖ p_cond) of every condition at each firing (b, t), at t and summed over t..t+horizon."""
-    rows = []
-
     def rows_fn(b, t):
         f = substitution_factors(site.dec_k, site.dec_v, scans[b]["codes"][t], *native(site, scans[b], t), gen)
         return [[]] + [[edit(site, t, "delete" if f[c] is None else "replace", f[c])] for c in CONDS]
 
+    R = {k: [] for k in ("block", "t", "atom", "onset", "kl", "kl_h")}
     for b, t, logits in branches(site, blocks, picked, rows_fn, horizon, "substitution"):
         lp = logits.float().log_softmax(-1)                                   # [1+5,1+h,vocab]
         kl = (lp[:1].exp() * (lp[:1] - lp[1:])).sum(-1)                       # [5,1+h]  KL(p_base ‖ p_cond)
         c = scans[b]["codes"]
         i = int(c[t].argmax())
-        rows.append((b, t, i, t == 0 or c[t - 1, i].item() == 0, kl[:, 0], kl.sum(1)))
-    return {"block": torch.tensor([r[0] for r in rows]), "t": torch.tensor([r[1] for r in rows]),
-            "atom": torch.tensor([r[2] for r in rows]), "onset": torch.tensor([r[3] for r in rows], dtype=torch.bool),
-            "kl": torch.stack([r[4] for r in rows]).cpu(), "kl_h": torch.stack([r[5] for r in rows]).cpu()}
-
+        for k, v in zip(R, (b, t, i, t == 0 or c[t - 1, i].item() == 0, kl[:, 0].cpu(), kl.sum(1).cpu())):
+            R[k].append(v)
+    return {k: torch.stack(v) if k.startswith("kl") else torch.tensor(v) for k, v in R.items()}
 
 def exp_subst(site, blocks, scans, args):
     """KL of the three conditions at up to --max-firings firings (≤ --per-atom per dominant atom)."""
-    gen, cand = torch.Generator().manual_seed(args.seed), {}
+    gen, cand = seeded(args, 0), {}
     for b, sc in enumerate(scans):
         c = sc["codes"]
-        istar = c.argmax(-1)
         for t in (c.amax(-1) > 0)[:len(c) - args.horizon].nonzero().flatten().tolist():
-            cand.setdefault(int(istar[t]), []).append((b, t))
+            cand.setdefault(int(c[t].argmax()), []).append((b, t))
     picked = []
     for i in sorted(cand):
         picked += [cand[i][j] for j in torch.randperm(len(cand[i]), generator=gen)[:args.per_atom].tolist()]
-    picked = [picked[j] for j in torch.randperm(len(picked), generator=gen)[:args.max_firings].sort().values]
+    picked = sample(picked, args.max_firings, gen)
     if not picked:
         raise ValueError("the SAE never fires on the held-out blocks: no firings to substitute")
     R = firing_kls(site, blocks, scans, picked, gen, args.horizon)
@@ -336,7 +292,7 @@ def exp_subst(site, blocks, scans, args):
         res[name] = subst_summary(R, mask, args)
         if args.horizon:
             res[name + f"_sum_h{args.horizon}"] = subst_summary(R, mask, args, "kl_h")
-    return res, R
+    return res
 
 
 # ==== Experiment 2: the closed-form logit shift (§2, App. A) ====
@@ -344,58 +300,41 @@ def exp_subst(site, blocks, scans, args):
 def exp_closed(site, blocks, scans, args):
     """Add ε·A_i at t0, measure Δℓ at t0 + h on each atom's top direct-path tokens, compare with Eq. (1)."""
     scale = torch.cat([sc["S_norm"] for sc in scans]).median().item()        # ε is in units of the median ‖S_t‖_F
-    gen, hs, E = torch.Generator().manual_seed(args.seed + 1), args.cf_h, torch.tensor(args.eps) * scale
-    Hmax, arch = max(hs), site.model.arch
-    eps = HEAD_NORM_EPS.get(arch, lambda c: 0.0)(site.model.config)
+    gen, hs, E, T = seeded(args, 1), args.cf_h, torch.tensor(args.eps) * scale, blocks.shape[1]
+    eps = HEAD_NORM_EPS.get(site.model.arch, lambda c: 0.0)(site.model.config)
     dom = torch.cat([sc["codes"].argmax(-1)[sc["codes"].amax(-1) > 0] for sc in scans])
     counts = torch.bincount(dom.cpu(), minlength=site.dec_k.shape[0])
     atoms = counts.topk(min(args.cf_atoms, int((counts > 0).sum()))).indices.to(site.dec_k.device)
     dk, dv = site.dec_k[atoms], site.dec_v[atoms]                             # [A,r,K], [A,r,V]
     toks = ((dv.sum(1) @ site.W_O.T) @ site.W_U.T).abs().topk(args.cf_tokens, -1).indices  # [A,n_tok]
-    A, n_e = len(atoms), len(args.eps)
-    T = blocks.shape[1]
+    A, n_e, Hmax = len(atoms), len(args.eps), max(hs)
     if T < Hmax + 2:
         raise ValueError(f"blocks of {T} tokens are too short for a horizon of {Hmax}")
     points = sample([(b, t) for b in range(len(blocks)) for t in range(1, T - Hmax)], args.cf_prompts, gen)
     meas, pred, exact = [], [], []
-
-    def rows_fn(b, t0):
-        return [[]] + [[edit(site, t0, "add", (e * dk[a], dv[a]))] for a in range(A) for e in E.tolist()]
-
+    rows_fn = lambda b, t0: [[]] + [[edit(site, t0, "add", (e * dk[a], dv[a]))] for a in range(A)  # noqa: E731
+                                    for e in E.tolist()]
     for b, t0, logits in branches(site, blocks, points, rows_fn, Hmax, "closed form"):
-        w = scans[b]["w"]
         d = (logits[1:] - logits[:1]).float().view(A, n_e, Hmax + 1, -1)[:, :, hs]  # [A,E,Hn,vocab]
         meas.append(torch.stack([d[a][..., toks[a]] for a in range(A)]))      # [A,E,Hn,n_tok]
-        key_g, key_x, P, X = dk.clone(), dk.clone(), [], []
-        for s in range(t0, t0 + Hmax + 1):
-            if s > t0:
-                w_s = {n: x[s] for n, x in w.items()}
-                key_g = w_s["decay"][None, None] * key_g                      # G = Π decay (no erase term)
-                key_x = None if key_x is None else transport_key(arch, key_x, w_s)
-            if s - t0 in hs:
-                U = unembed(site, scans[b], s, toks)                          # [A,n_tok,D]
-                P.append(logit_shift_prediction(1.0, key_g, w["query"][s], w["gain"][s], dv, site.W_O, U))
-                dv_x = norm_jacobian(arch, scans[b]["read"][s], dv, eps)     # the head norm's full Jacobian
-                X.append(torch.full_like(P[-1], float("nan")) if key_x is None else
-                         logit_shift_prediction(1.0, key_x, w["query"][s], w["gain"][s], dv_x, site.W_O, U))
-        pred.append(torch.stack(P, 1))                                        # [A,Hn,n_tok]  per unit ε
-        exact.append(torch.stack(X, 1))
+        p, x = shift_predictions(site.model.arch, dk, dv, scans[b]["w"], t0, hs,
+                                 lambda s: unembed(site, scans[b], s, toks), scans[b]["read"], site.W_O, eps)
+        pred.append(p), exact.append(x)                                       # [A,Hn,n_tok]  per unit ε
     y = torch.stack(meas).cpu().double()                                      # [P,A,E,Hn,n_tok]
-    f = torch.stack(pred).cpu().double()[:, :, None] * E.double()[None, None, :, None, None]
-    x = torch.stack(exact).cpu().double()[:, :, None] * E.double()[None, None, :, None, None]
+    f, x = (torch.stack(z).cpu().double()[:, :, None] * E.double()[None, None, :, None, None] for z in (pred, exact))
     res = {"atoms": atoms.tolist(), "eps": args.eps, "eps_unit": f"S_t0 + ε·{scale:.4g}·A_i: units of the median "
            f"held-out ‖S_t‖_F, unit-norm factors", "prompts": len(meas), "by_h": {}}
+    grid = lambda fn, p, j, k=0: torch.tensor([[fn(y[:, a, e, j, k], p[:, a, e, j, k])  # noqa: E731  [A,E] cells
+                                                 for e in range(n_e)] for a in range(A)])
     for j, h in enumerate(hs):
-        cells = {kind: torch.tensor([[fn(y[:, a, e, j, 0], p[:, a, e, j, 0]) for e in range(n_e)] for a in range(A)])
-                 for kind, fn, p in (("nofit", r2, f), ("ols", ols_r2, f), ("exact", r2, x))
+        cells = {kind: grid(fn, p, j) for kind, fn, p in (("nofit", r2, f), ("ols", ols_r2, f), ("exact", r2, x))
                  if p[..., j, 0].isfinite().all()}
-        ranks = [torch.tensor([[ols_r2(y[:, a, e, j, k], f[:, a, e, j, k]) for e in range(n_e)] for a in range(A)])
-                 .nanmedian().item() for k in range(y.shape[-1])]
         agree = (y[..., j, 0].sign() == f[..., j, 0].sign())
         res["by_h"][h] = {**{kind: {"median_cell": c.nanmedian().item(), "median_per_atom": c.nanmedian(1)
                                     .values.tolist(), "frac_cells_gt_0.95": (c > 0.95).float().mean().item()}
                              for kind, c in cells.items()},
-                          "ols_by_token_rank": ranks, "sign_agreement": agree.double().mean().item(),
+                          "ols_by_token_rank": [grid(ols_r2, f, j, k).nanmedian().item() for k in range(y.shape[-1])],
+                          "sign_agreement": agree.double().mean().item(),
                           "sign_agreement_ci": wilson(int(agree.sum()), agree.numel()), "n_sign": agree.numel()}
     return res
 
@@ -404,105 +343,90 @@ def exp_closed(site, blocks, scans, args):
 
 def exp_erase(site, blocks, scans, args):
     """Remove a_i(t)·A_i at the atom's firings: Δ log p of its preferred token; non-firing control +m·a*·A_i."""
-    gen, mult = torch.Generator().manual_seed(args.seed + 2), (1.0, 2.0, 4.0)
+    gen, mult = seeded(args, 2), (1.0, 2.0, 4.0)
     i = args.erase_atom if args.erase_atom >= 0 else int(sum((sc["codes"] > 0).sum(0) for sc in scans).argmax())
     ai = torch.stack([sc["codes"][:, i] for sc in scans]).cpu()               # [blocks,T] the atom's coefficients
     on, off = (sample(m.nonzero().tolist(), args.erase_n, gen) for m in (ai > 0, ai == 0))
-    a_star = ai[ai > 0].median()                                              # the median natural activation a*
-    dk, dv = site.dec_k[i], site.dec_v[i]
-    base, erased, ctrl = [], [], []
-    for b, t, logits in branches(site, blocks, on, lambda b, t: [[], [edit(site, t, "add", (-ai[b, t] * dk, dv))]],
-                                 desc="erase"):
-        lp = logits[:, 0].float().log_softmax(-1).cpu()
-        base.append(lp[0]), erased.append(lp[1])
-    base, erased = torch.stack(base), torch.stack(erased)                     # [n,vocab]
+    a_star, dk, dv = ai[ai > 0].median(), site.dec_k[i], site.dec_v[i]       # a*: the median natural activation
+    lp = torch.stack([logits[:, 0].float().log_softmax(-1).cpu() for _, _, logits in branches(
+        site, blocks, on, lambda b, t: [[], [edit(site, t, "add", (-ai[b, t] * dk, dv))]], desc="erase")])
+    base, erased = lp[:, 0], lp[:, 1]                                         # [n,vocab]
     pref = int((base - erased).sum(0).argmax())                              # the preferred token (in-sample)
     d = (erased - base)[:, pref]
-    for b, t, logits in branches(site, blocks, off, lambda b, t: [[]] + [[edit(site, t, "add", (m * a_star * dk, dv))]
+    ctrl = []
+    for _, _, logits in branches(site, blocks, off, lambda b, t: [[]] + [[edit(site, t, "add", (m * a_star * dk, dv))]
                                                                         for m in mult], desc="erase control"):
         lp = logits[:, 0].float().log_softmax(-1)[:, pref]
         ctrl.append((lp[1:] - lp[0]).cpu())
     ctrl = torch.stack(ctrl) if ctrl else torch.zeros(0, len(mult))          # [n,3]
+    rank = lambda lp: (lp > lp[:, pref:pref + 1]).sum(1).double().median().item()  # noqa: E731
     return {"atom": i, "a_star": a_star.item(), "preferred_token": pref, "preferred_text": safe_decode(site.tok, [pref]),
             "n": len(d), "median": d.median().item(), "median_ci": bootstrap_ci(d, "median", args.boot, args.seed),
-            "mean": d.mean().item(), "wilcoxon_p": sign_stats(d)["wilcoxon_p"],
-            "rank_native": (base > base[:, pref:pref + 1]).sum(1).double().median().item(),
-            "rank_patched": (erased > erased[:, pref:pref + 1]).sum(1).double().median().item(),
+            "mean": d.mean().item(), "wilcoxon_p": sign_stats(d)["wilcoxon_p"], "rank_native": rank(base),
+            "rank_patched": rank(erased),
             "control": {f"{m:g}x": {"n": len(ctrl), "median": ctrl[:, j].median().item(),
                                     "wilcoxon_p": sign_stats(ctrl[:, j])["wilcoxon_p"]} for j, m in enumerate(mult)
                         if len(ctrl)}}
 
-
 def exp_sign(site, blocks, scans, args):
     """Write ‖k_s v_sᵀ‖·k̂_s v*_Tᵀ at one position s; does Δℓ_T at s have the sign of Eq. (1)?"""
-    gen, n_tok = torch.Generator().manual_seed(args.seed + 3), args.sign_targets
+    gen, n_tok = seeded(args, 3), args.sign_targets
     pts = sample([(b, s) for b in range(len(blocks)) for s in range(blocks.shape[1])], -(-args.sign_n // n_tok), gen)
     targets = {p: torch.randint(site.W_U.shape[0], (n_tok,), generator=gen).to(site.W_U.device) for p in pts}
+    kv = lambda b, s: install_factors(scans[b]["w"], s, install_direction(site.W_O, site.W_U[targets[b, s]]))  # noqa
+
+    def rows_fn(b, s):  # the base row, then one row per target: k [1,K] ⊗ v*_T [1,V]
+        k, v = kv(b, s)
+        return [[]] + [[edit(site, s, "add", (k, v[j:j + 1]))] for j in range(n_tok)]
+
     meas, pred = [], []
-
-    def rows_fn(b, s):
-        k, n = key_norm(scans[b], s)
-        vs = install_direction(site.W_O, site.W_U[targets[b, s]])            # [n_tok,V]
-        return [[]] + [[edit(site, s, "add", (n * k, vs[j:j + 1]))] for j in range(n_tok)]
-
     for b, s, logits in branches(site, blocks, pts, rows_fn, desc="sign test"):
-        T, w = targets[b, s], scans[b]["w"]
-        k, n = key_norm(scans[b], s)
-        vs = install_direction(site.W_O, site.W_U[T])[:, None]                # [n_tok,1,V]
+        T, w, (k, v) = targets[b, s], scans[b]["w"], kv(b, s)
         meas.append((logits[1:, 0].float().gather(-1, T[:, None])[:, 0] - logits[0, 0].float()[T]).cpu())
-        U = unembed(site, scans[b], s, T)[:, None]                            # [n_tok,1,D]
-        pred.append(logit_shift_prediction(n, k.expand(n_tok, 1, -1), w["query"][s], w["gain"][s], vs, site.W_O,
-                                           U)[:, 0].cpu())
+        pred.append(logit_shift_prediction(1.0, k.expand(n_tok, 1, -1), w["query"][s], w["gain"][s], v[:, None],
+                                           site.W_O, unembed(site, scans[b], s, T)[:, None])[:, 0].cpu())
     y, f = torch.cat(meas).double(), torch.cat(pred).double()
     agree = int((y.sign() == f.sign()).sum())
     return {"n": len(y), "sign_agreement": agree / len(y), "ci": wilson(agree, len(y)),
             "pearson_r": torch.corrcoef(torch.stack([y, f]))[0, 1].item(), "median_ratio": (y / f).median().item(),
             "pooled_r2": r2(y, f)}
 
-
 STRATA = ((10, 100), (100, 1000), (1000, 10000), (10000, None))
-
 
 def install_edits(site, sc, P, T, m, row=None):
     """Add m·‖k_s v_sᵀ‖·k̂_s v*_Tᵀ at the three positions before P (App. I.6), in batch row `row`."""
     v = install_direction(site.W_O, site.W_U[T])[None]                        # [1,V]
-    return [edit(site, s, "add", (m * key_norm(sc, s)[1] * key_norm(sc, s)[0], v), batch=row) for s in range(P - 3, P)]
-
+    return [edit(site, s, "add", install_factors(sc["w"], s, v, m), batch=row) for s in range(P - 3, P)]
 
 @torch.no_grad()
 def exp_install(site, blocks, scans, args):
     """Write m·‖k_s v_sᵀ‖·k̂_s v*_Tᵀ at the prompt's last three positions, then 20 greedy tokens: is T among them?"""
-    gen, P, ms, out = torch.Generator().manual_seed(args.seed + 4), args.install_len, args.install_m, []
+    gen, P, ms, out = seeded(args, 4), args.install_len, args.install_m, []
     for b in tqdm(range(min(args.install_prompts, len(blocks))), desc="install", leave=False):
         prompt = blocks[b, :P]
-        lp0 = site.model(prompt[None]).logits[0, -1].float().log_softmax(-1)
-        order = lp0.argsort(descending=True)
-        tg = [(j, int(t)) for j, (lo, hi) in enumerate(STRATA)
-              for t in sample(order[lo:hi].tolist(), args.install_targets, gen)]
-        rows = [(j, T, m) for j, T in tg for m in ms]
+        order = site.model(prompt[None]).logits[0, -1].float().log_softmax(-1).argsort(descending=True)
+        rows = [(j, int(T), m) for j, (lo, hi) in enumerate(STRATA)            # targets per rank stratum
+                for T in sample(order[lo:hi].tolist(), args.install_targets, gen) for m in ms]
         edits = [e for r, (j, T, m) in enumerate(rows, 1) for e in install_edits(site, scans[b], P, T, m, r)]
         x = prompt[None].expand(len(rows) + 1, -1)
         lp = site.model(x, edits=edits).logits[:, -1].float().log_softmax(-1)
         cont = site.model.generate(x, args.gen_len, edits=edits)[:, P:]
-        for r, (j, T, m) in enumerate(rows, 1):
-            r0, r1 = int((lp[0] > lp[0, T]).sum()), int((lp[r] > lp[r, T]).sum())
+        for r, (j, T, m) in enumerate(rows, 1):  # (stratum, m, in edited, in native, first-step lift, rank shift)
             out.append((j, m, bool((cont[r] == T).any()), bool((cont[0] == T).any()), (lp[r, T] - lp[0, T]).item(),
-                        r0 - r1))
+                        int((lp[0] > lp[0, T]).sum()) - int((lp[r] > lp[r, T]).sum())))
     res = {"prompts": min(args.install_prompts, len(blocks)), "positions": "the prompt's last 3", "by_m": {}}
     for m in ms:
         res["by_m"][f"{m:g}"] = cells = {}
         for j, (lo, hi) in list(enumerate(STRATA)) + [(None, (None, None))]:
             o = [x for x in out if x[1] == m and (j is None or x[0] == j)]
+            hit, nat = sum(x[2] for x in o), sum(x[3] for x in o)
             if o:
-                hit, nat = sum(x[2] for x in o), sum(x[3] for x in o)
                 cells["pooled" if j is None else f"{lo}-{hi or 'max'}"] = {
                     "n": len(o), "edited": hit / len(o), "edited_ci": wilson(hit, len(o)), "native": nat / len(o),
-                    "native_ci": wilson(nat, len(o)),
-                    "first_step_lift": torch.tensor([x[4] for x in o]).median().item(),
+                    "native_ci": wilson(nat, len(o)), "first_step_lift": torch.tensor([x[4] for x in o]).median().item(),
                     "rank_shift": torch.tensor([float(x[5]) for x in o]).median().item(),
                     "rank_improved": sum(x[5] > 0 for x in o) / len(o)}
     return res
-
 
 def safe_decode(tok, ids):
     try:
@@ -510,21 +434,15 @@ def safe_decode(tok, ids):
     except Exception:  # a checkpoint without a tokenizer: ids only
         return None
 
-
-def token_class(tok, vocab, kind):
-    """Token ids whose text contains a newline ("newline") or ends a sentence ("sentence": . ! ?)."""
-    texts = [safe_decode(tok, [i]) for i in range(vocab)]
-    if texts[0] is None:
-        raise ValueError("--exp amplify needs a tokenizer (the checkpoint has no tokenizer.json)")
-    hit = (lambda s: "\n" in s) if kind == "newline" else (lambda s: s.strip()[-1:] in (".", "!", "?"))
-    return torch.tensor([hit(s) for s in texts])
-
-
 @torch.no_grad()
 def exp_amplify(site, blocks, scans, args):
     """Add dose·push_f·A_f for the features most active before class tokens at every decoded position."""
-    gen, P = torch.Generator().manual_seed(args.seed + 5), args.amp_prompt_len
-    cls = token_class(site.tok, site.W_U.shape[0], args.amp_class)
+    gen, P = seeded(args, 5), args.amp_prompt_len
+    texts = [safe_decode(site.tok, [i]) for i in range(site.W_U.shape[0])]
+    if texts[0] is None:
+        raise ValueError("--exp amplify needs a tokenizer (the checkpoint has no tokenizer.json)")
+    cls = torch.tensor([("\n" in s) if args.amp_class == "newline" else s.strip()[-1:] in (".", "!", "?")
+                        for s in texts])                                      # [vocab] newline / sentence end
     codes = torch.cat([sc["codes"][:-1] for sc in scans]).cpu()              # [N,n]
     nxt = cls[torch.cat([b[1:] for b in blocks.cpu()])]                       # the next token is in the class
     if nxt.sum() == 0:
@@ -532,38 +450,29 @@ def exp_amplify(site, blocks, scans, args):
     diff = codes[nxt].mean(0) - codes[~nxt].mean(0)
     top = diff.topk(args.amp_features).indices
     alive = [i for i in (codes > 0).any(0).nonzero().flatten().tolist() if i not in set(top.tolist())]
-    rnd = torch.tensor(sample(alive, args.amp_features, gen), dtype=torch.long)
-    conds = [("baseline", top, 0.0)] + [(f"amplify {d:g}x", top, d) for d in args.amp_doses] + \
-            [(f"random {max(args.amp_doses):g}x", rnd, max(args.amp_doses))]
-    push = {"amplify": codes[nxt].mean(0), "random": codes.mean(0)}
-    x = blocks[:args.amp_prompts, :P]
-    res, counts = {"class": args.amp_class, "features": top.tolist(), "random_features": rnd.tolist(),
-                   "diff": diff[top].tolist(), "prompts": len(x), "tokens": args.amp_len}, {}
-    for name, feats, dose in tqdm(conds, desc="amplify", leave=False):
+    rnd, dmax = torch.tensor(sample(alive, args.amp_features, gen), dtype=torch.long), max(args.amp_doses)
+    push, x, counts = {"amplify": codes[nxt].mean(0), "random": codes.mean(0)}, blocks[:args.amp_prompts, :P], {}
+    for name, feats, dose in tqdm([("baseline", top, 0.0)] + [(f"amplify {d:g}x", top, d) for d in args.amp_doses]
+                                  + [(f"random {dmax:g}x", rnd, dmax)], desc="amplify", leave=False):
         p = dose * push[name.split()[0]][feats].to(site.dec_k) if dose else None
         kv = None if p is None else ((p[:, None, None] * site.dec_k[feats]).flatten(0, 1),
                                      site.dec_v[feats].flatten(0, 1))          # Σ_f push_f A_f as [F·r] factors
         edits = [] if kv is None else [edit(site, s, "add", kv) for s in range(P, P + args.amp_len)]
         out = site.model.generate(x, args.amp_len, temperature=args.amp_temperature, edits=edits, seed=args.seed)
         counts[name] = cls[out[:, P:].cpu()].sum(1).double()
-    res["conditions"] = {n: paired_summary(counts["baseline"], c, args.boot, args.seed) for n, c in counts.items()
-                         if n != "baseline"}
-    res["baseline_mean"] = counts["baseline"].mean().item()
-    return res
+    return {"class": args.amp_class, "features": top.tolist(), "random_features": rnd.tolist(),
+            "diff": diff[top].tolist(), "prompts": len(x), "tokens": args.amp_len,
+            "conditions": {n: paired_summary(counts["baseline"], c, args.boot, args.seed) for n, c in counts.items()
+                           if n != "baseline"}, "baseline_mean": counts["baseline"].mean().item()}
 
 
 # ==== Experiment 4: the register / bundle partition (§3.1) ====
 
 def exp_partition(site, blocks, scans, args):
     """Per-atom median signed cosine to the native write over its firings; EM mixtures with 1 and 2 components."""
-    cos, ids = [], []
-    for sc in scans:
-        nk, nv = native(site, sc, slice(None))                                # [T,r',K], [T,r',V]
-        pos, atom = (sc["codes"] > 0).nonzero(as_tuple=True)
-        for c in range(0, len(pos), 8192):
-            p, a = pos[c:c + 8192], atom[c:c + 8192]
-            cos.append(frob_cos(site.dec_k[a], site.dec_v[a], nk[p], nv[p]).cpu()), ids.append(a.cpu())
-    cos, ids = torch.cat(cos).double(), torch.cat(ids)
+    cos, ids = zip(*[atom_write_cosines(site.dec_k, site.dec_v, sc["codes"], *native(site, sc, slice(None)))
+                     for sc in scans])
+    cos, ids = torch.cat(cos).cpu().double(), torch.cat(ids).cpu()
     order = ids.argsort(stable=True)
     atoms, n_fire = ids[order].unique_consecutive(return_counts=True)
     med = torch.stack([g.median() for g in cos[order].split(n_fire.tolist())])
@@ -575,14 +484,12 @@ def exp_partition(site, blocks, scans, args):
     if len(med) >= 3:
         fits = {k: gmm_em(med, k, seed=args.seed) for k in (1, 2)}
         mu, var, pi, _, _ = fits[2]
-        logp = torch.stack([-0.5 * ((med - m) ** 2 / v + math.log(2 * math.pi * v)) + math.log(w)
-                            for m, v, w in zip(mu, var, pi)], 1)
-        reg = logp.argmax(1) == 1                                             # the higher-mean component
+        reg = torch.stack([-0.5 * ((med - m) ** 2 / v + math.log(2 * math.pi * v)) + math.log(w)
+                           for m, v, w in zip(mu, var, pi)], 1).argmax(1) == 1  # in the higher-mean component
         res.update({"delta_bic": fits[2][4] - fits[1][4], "bic": {k: f[4] for k, f in fits.items()},
                     "means": mu, "weights": pi, "registers": int(reg.sum()), "bundles": int((~reg).sum()),
-                    "register_median_cos": med[reg].median().item() if reg.any() else float("nan"),
-                    "bundle_median_cos": med[~reg].median().item() if (~reg).any() else float("nan"),
-                    "register_atoms": atoms[reg].tolist()})
+                    **{f"{n}_median_cos": med[s].median().item() if s.any() else float("nan")
+                       for n, s in (("register", reg), ("bundle", ~reg))}, "register_atoms": atoms[reg].tolist()})
     return res
 
 
@@ -607,91 +514,81 @@ DEVIATIONS = [
     "all conditions share one sampling seed; Wilcoxon and sign tests use normal approximations.",
     "Partition: cosine to the run's native write; atoms with < --min-fire firings count as dead.",
 ]
-
+PAPER = {  # PAPER_NOTES.md §10; "key arch" overrides "key" for that architecture
+    "win": "92.4% [91.6, 93.1] (4,851 firings, Qwen3.5-0.8B L1/L9/L17 H4)",
+    "win mamba2": "88.1% [86.8, 89.3] (2,500 firings, Mamba-2-370M L24 H0)",
+    "win rwkv7": "47.8% (6,591 firings, RWKV-7-1.5B L12 H0, Table 6)", "chain": "89.5% (4,851)",
+    "ratio": "1 : 2.70 : 4.90 (4,851)", "population": "89.8% [88.1, 91.3] (87 atoms, 2,426 firings)",
+    "closed": "0.98; all > 0.95 (50 atoms × 4 ε)", "closed mamba2": "−0.07 (Mamba-2 L24 H0)",
+    "closed sign": "100%, 0 flips (10,000)", "erase": "−0.116 [−0.265, −0.042] (150 firings)",
+    "erase control": "+0.016, p = 0.15 (150)", "sign": "84.6% [83.0, 86.2] (2,000)",
+    "install 100-1000": "33.3% → 100% (300)", "install pooled": "8.3% → 25.0% (1,200)", "install lift": "+1.27 nats "
+    "(1,200)", "amplify 5x": "16.8 → 11.2, p = 0.001 (40 × 400 tokens)", "random 10x": "16.8 → 19.0",
+    "bic": "−296 (316 alive)", "partition": "222 / 94", "register cos": "0.262 (L9 H4)",
+    "register cos mamba2": "0.0575 (Mamba-2)", "register cos rwkv7": "0.180 (RWKV-7)",
+}
 
 def fmt(x, pct=False):
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     return f"{100 * x:.1f}%" if pct else f"{x:.3g}"
 
-
-def ci(c, pct=True):
-    return f"[{fmt(c[0], pct)}, {fmt(c[1], pct)}]"
-
-
 def headline(res, arch):
     """Rows (quantity, ours, n, 95% CI, the paper's value and n) — the paper's from PAPER_NOTES.md §10."""
-    rows, pct = [], lambda x: fmt(x, True)  # noqa: E731
+    rows, pct, ci = [], lambda x: fmt(x, True), lambda c, p=True: f"[{fmt(c[0], p)}, {fmt(c[1], p)}]"  # noqa: E731
+    paper = lambda key: PAPER.get(f"{key} {arch}", PAPER.get(key, ""))  # noqa: E731
     for name in ("all", "onset") if "subst" in res else ():
-        s = res["subst"][name]
-        if s.get("n"):
-            paper = {"mamba2": "88.1% [86.8, 89.3] (2,500 firings, Mamba-2-370M L24 H0)",
-                     "rwkv7": "47.8% (6,591 firings, RWKV-7-1.5B L12 H0, Table 6)"}.get(
-                arch, "92.4% [91.6, 93.1] (4,851 firings, Qwen3.5-0.8B L1/L9/L17 H4)")
-            rows += [(f"substitution win ({name} firings)", pct(s["win"]), s["n"], ci(s["win_ci"]), paper),
-                     (f"strict chain ({name})", pct(s["chain"]), s["n"], ci(s["chain_ci"]), "89.5% (4,851)"),
+        if (s := res["subst"][name]).get("n"):
+            rows += [(f"substitution win ({name} firings)", pct(s["win"]), s["n"], ci(s["win_ci"]), paper("win")),
+                     (f"strict chain ({name})", pct(s["chain"]), s["n"], ci(s["chain_ci"]), paper("chain")),
                      (f"median KL atom : delete : random ({name})", " : ".join(f"{r:.2f}" for r in
                                                                             s["ratio_of_medians"]), s["n"], "",
-                      "1 : 2.70 : 4.90 (4,851)")]
-            if "population" in s:
-                p = s["population"]
+                      paper("ratio"))]
+            if p := s.get("population"):
                 rows.append((f"population test ({name})", pct(p["mean"]), f"{p['atoms']} atoms", ci(p["ci"]),
-                             "89.8% [88.1, 91.3] (87 atoms, 2,426 firings)"))
-    if "closed" in res:
-        h = 1 if 1 in res["closed"]["by_h"] else next(iter(res["closed"]["by_h"]))
-        c, cells = res["closed"]["by_h"][h], len(res["closed"]["atoms"]) * len(res["closed"]["eps"])
-        for kind in [k for k in ("ols", "nofit", "exact") if k in c]:
-            rows.append((f"closed-form R² ({kind}, h = {h}): median cell; cells > 0.95",
-                         f"{fmt(c[kind]['median_cell'])}; {pct(c[kind]['frac_cells_gt_0.95'])}", cells, "",
-                         "−0.07 (Mamba-2 L24 H0)" if arch == "mamba2" else "0.98; all > 0.95 (50 atoms × 4 ε)"))
+                             paper("population")))
+    if r := res.get("closed"):
+        h = 1 if 1 in r["by_h"] else next(iter(r["by_h"]))
+        c = r["by_h"][h]
+        rows += [(f"closed-form R² ({kind}, h = {h}): median cell; cells > 0.95", f"{fmt(c[kind]['median_cell'])}; "
+                  f"{pct(c[kind]['frac_cells_gt_0.95'])}", len(r["atoms"]) * len(r["eps"]), "", paper("closed"))
+                 for kind in ("ols", "nofit", "exact") if kind in c]
         rows.append((f"closed-form sign agreement (h = {h})", pct(c["sign_agreement"]), c["n_sign"],
-                     ci(c["sign_agreement_ci"]), "100%, 0 flips (10,000)"))
-    if "erase" in res:
-        e, c4 = res["erase"], res["erase"]["control"].get("4x")
+                     ci(c["sign_agreement_ci"]), paper("closed sign")))
+    if e := res.get("erase"):
         rows.append(("erasure: median Δ log p of the preferred token", f"{e['median']:+.3g}", e["n"],
-                     ci(e["median_ci"], False), "−0.116 [−0.265, −0.042] (150 firings)"))
-        if c4:
+                     ci(e["median_ci"], False), paper("erase")))
+        if c4 := e["control"].get("4x"):
             rows.append(("non-firing control 4×: median Δ log p", f"{c4['median']:+.3g} (p = {c4['wilcoxon_p']:.2g})",
-                         c4["n"], "", "+0.016, p = 0.15 (150)"))
-    if "sign" in res:
-        s = res["sign"]
-        rows.append(("single-position sign test", pct(s["sign_agreement"]), s["n"], ci(s["ci"]), "84.6% [83.0, 86.2]"
-                     " (2,000)"))
+                         c4["n"], "", paper("erase control")))
+    if s := res.get("sign"):
+        rows.append(("single-position sign test", pct(s["sign_agreement"]), s["n"], ci(s["ci"]), paper("sign")))
     for m, cells in res.get("install", {}).get("by_m", {}).items():
-        for key, paper in (("100-1000", "33.3% → 100% (300)"), ("pooled", "8.3% → 25.0% (1,200)")):
-            if key in cells:
-                c = cells[key]
-                rows.append((f"install m = {m} ({key}): native → edited", f"{pct(c['native'])} → {pct(c['edited'])}",
-                             c["n"], ci(c["edited_ci"]), paper if m == "3" else ""))
-        if "pooled" in cells:
-            rows.append((f"install m = {m}: first-step log-p lift (median)",
-                         f"{cells['pooled']['first_step_lift']:+.3g}", cells["pooled"]["n"], "",
-                         "+1.27 nats (1,200)" if m == "3" else ""))
-    if "amplify" in res:
-        a = res["amplify"]
-        for name, c in a["conditions"].items():
-            paper = {"amplify 5x": "16.8 → 11.2, p = 0.001 (40 × 400 tokens)",
-                     "random 10x": "16.8 → 19.0"}.get(name, "")
-            rows.append((f"{a['class']} count, {name}", f"{c['mean_base']:.3g} → {c['mean']:.3g} (p = {c['perm_p']:.2g}"
-                         f", d = {c['cohen_d']:.2f})", a["prompts"], ci(c["ci"], False), paper))
-    if "partition" in res:
-        p = res["partition"]
+        rows += [(f"install m = {m} ({key}): native → edited", f"{pct(c['native'])} → {pct(c['edited'])}", c["n"],
+                  ci(c["edited_ci"]), paper(f"install {key}") if m == "3" else "")
+                 for key, c in cells.items() if key in ("100-1000", "pooled")]
+        if c := cells.get("pooled"):
+            rows.append((f"install m = {m}: first-step log-p lift (median)", f"{c['first_step_lift']:+.3g}", c["n"],
+                         "", paper("install lift") if m == "3" else ""))
+    if a := res.get("amplify"):
+        rows += [(f"{a['class']} count, {name}", f"{c['mean_base']:.3g} → {c['mean']:.3g} (p = {c['perm_p']:.2g}, "
+                  f"d = {c['cohen_d']:.2f})", a["prompts"], ci(c["ci"], False), PAPER.get(name, ""))
+                 for name, c in a["conditions"].items()]
+    if p := res.get("partition"):
         if "delta_bic" in p:
-            cos = {"mamba2": "0.0575 (Mamba-2)", "rwkv7": "0.180 (RWKV-7)"}.get(arch, "0.262 (L9 H4)")
-            rows += [("partition ΔBIC (2 vs 1 component)", f"{p['delta_bic']:.3g}", p["alive"], "", "−296 (316 alive)"),
-                     ("registers / bundles (GMM)", f"{p['registers']} / {p['bundles']}", p["alive"], "", "222 / 94"),
-                     ("register median cosine", fmt(p["register_median_cos"]), p["registers"], "", cos)]
+            rows += [("partition ΔBIC (2 vs 1 component)", f"{p['delta_bic']:.3g}", p["alive"], "", paper("bic")),
+                     ("registers / bundles (GMM)", f"{p['registers']} / {p['bundles']}", p["alive"], "",
+                      paper("partition")),
+                     ("register median cosine", fmt(p["register_median_cos"]), p["registers"], "", paper("register cos"))]
         rows.append((f"atoms with median cos ≥ τ = {p['tau']}", f"{p['above_tau']} / {p['alive']}", p["alive"], "", ""))
     return rows
-
 
 def write_report(out, res, meta):
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps({"meta": meta, **res}, indent=1, default=float) + "\n")
     L = [f"# WriteSAE evaluation: {meta['model']} layer {meta['layer']} head {meta['head']}", "",
          "| quantity | ours | n | 95% CI | paper (n) |", "|---|---|---|---|---|"]
-    for q, v, n, c, p in headline(res, meta["arch"]):
-        L.append(f"| {q} | {v} | {n} | {c} | {p} |")
+    L += [f"| {q} | {v} | {n} | {c} | {p} |" for q, v, n, c, p in headline(res, meta["arch"])]
     L += ["", "## Setup", ""] + [f"- {k}: {v}" for k, v in meta.items()]
     L += ["", "## Read path and closed form for this architecture", "", READ_PATH[meta["arch"]], "",
           "## Deviations from the paper's protocol", ""] + [f"- {d}" for d in DEVIATIONS]
@@ -704,65 +601,48 @@ def write_report(out, res, meta):
 
 EXPERIMENTS = {"subst": exp_subst, "closed": exp_closed, "erase": exp_erase, "sign": exp_sign,
                "install": exp_install, "amplify": exp_amplify, "partition": exp_partition}
-
-
-def floats(s):
-    return [float(x) for x in s.split(",")]
-
+FLAGS = [  # (flag, default, help): the type is the default's (a type: that type, default None); a list is
+    # comma-separated; a tuple lists the choices, the first is the default
+    # ---- run, site, output ----
+    ("run", None, "train.py run directory (default: train.py's default --out)"),
+    ("exp", ",".join(EXPERIMENTS), f"comma list of {', '.join(EXPERIMENTS)}"),
+    ("model", None, "override the run's model (same architecture and site)"),
+    ("head", int, "which of the run's heads (default its first)"), ("sae", "best", "the run's SAE directory: best or last"),
+    ("max-blocks", 64, "held-out blocks scanned"), ("device", "cuda" if torch.cuda.is_available() else "cpu", None),
+    ("dtype", ("float32", "bfloat16", "float16"), None), ("seed", 2026, "the paper's substitution / Experiment C seed"),
+    ("boot", 5000, "bootstrap resamples"), ("out", None, "report directory (default <run>/eval)"),
+    # ---- 1. substitution ----
+    ("max-firings", 1000, None), ("per-atom", 30, "firings per dominant atom (population test cap)"),
+    ("min-atom-firings", 5, "population test: atoms with at least this many"),
+    ("scale", ("coef", "matched"), "headline atom/random scale"),
+    ("horizon", 0, "also sum KL over this many further positions"),
+    # ---- 2. closed form ----
+    ("cf-atoms", 8, "the most frequent dominant atoms"), ("cf-prompts", 64, None), ("eps", [0.1, 0.3, 1.0, 3.0], None),
+    ("cf-h", [0, 1, 4, 16], None), ("cf-tokens", 5, "eval tokens per atom (rank 1 is the headline)"),
+    # ---- 3. cache edits ----
+    ("erase-atom", -1, "default: the atom that fires most"), ("erase-n", 150, None), ("sign-n", 2000, None),
+    ("sign-targets", 8, "random target tokens per context"), ("install-prompts", 30, None),
+    ("install-len", 32, "prompt tokens (the install uses its last 3)"),
+    ("install-targets", 2, "targets per rank stratum and prompt"), ("install-m", [1.5, 3.0, 6.0], None),
+    ("gen-len", 20, None), ("amp-class", ("newline", "sentence"), None), ("amp-features", 10, None),
+    ("amp-doses", [2.0, 5.0, 10.0], None), ("amp-prompts", 20, None), ("amp-prompt-len", 32, None),
+    ("amp-len", 100, None), ("amp-temperature", 0.7, None),
+    # ---- 4. partition ----
+    ("tau", 0.05, None), ("min-fire", 1, "firings for an atom to count as alive"),
+]
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # ---- run, site, output ----------------------------------------------------------------------------------
-    p.add_argument("--run", default=None, help="train.py run directory (default: train.py's default --out)")
-    p.add_argument("--exp", default=",".join(EXPERIMENTS), help=f"comma list of {', '.join(EXPERIMENTS)}")
-    p.add_argument("--model", default=None, help="override the run's model (same architecture and site)")
-    p.add_argument("--head", type=int, default=None, help="which of the run's heads (default its first)")
-    p.add_argument("--sae", default="best", help="the run's SAE directory: best or last")
-    p.add_argument("--max-blocks", type=int, default=64, help="held-out blocks scanned")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--seed", type=int, default=2026, help="the paper's substitution / Experiment C seed")
-    p.add_argument("--boot", type=int, default=5000, help="bootstrap resamples")
-    p.add_argument("--out", default=None, help="report directory (default <run>/eval)")
-    # ---- 1. substitution ------------------------------------------------------------------------------------
-    p.add_argument("--max-firings", type=int, default=1000)
-    p.add_argument("--per-atom", type=int, default=30, help="firings per dominant atom (population test cap)")
-    p.add_argument("--min-atom-firings", type=int, default=5, help="population test: atoms with at least this many")
-    p.add_argument("--scale", choices=("coef", "matched"), default="coef", help="headline atom/random scale")
-    p.add_argument("--horizon", type=int, default=0, help="also sum KL over this many further positions")
-    # ---- 2. closed form -------------------------------------------------------------------------------------
-    p.add_argument("--cf-atoms", type=int, default=8, help="the most frequent dominant atoms")
-    p.add_argument("--cf-prompts", type=int, default=64)
-    p.add_argument("--eps", type=floats, default=[0.1, 0.3, 1.0, 3.0])
-    p.add_argument("--cf-h", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 4, 16])
-    p.add_argument("--cf-tokens", type=int, default=5, help="eval tokens per atom (rank 1 is the headline)")
-    # ---- 3. cache edits -------------------------------------------------------------------------------------
-    p.add_argument("--erase-atom", type=int, default=-1, help="default: the atom that fires most")
-    p.add_argument("--erase-n", type=int, default=150)
-    p.add_argument("--sign-n", type=int, default=2000)
-    p.add_argument("--sign-targets", type=int, default=8, help="random target tokens per context")
-    p.add_argument("--install-prompts", type=int, default=30)
-    p.add_argument("--install-len", type=int, default=32, help="prompt tokens (the install uses its last 3)")
-    p.add_argument("--install-targets", type=int, default=2, help="targets per rank stratum and prompt")
-    p.add_argument("--install-m", type=floats, default=[1.5, 3.0, 6.0])
-    p.add_argument("--gen-len", type=int, default=20)
-    p.add_argument("--amp-class", choices=("newline", "sentence"), default="newline")
-    p.add_argument("--amp-features", type=int, default=10)
-    p.add_argument("--amp-doses", type=floats, default=[2.0, 5.0, 10.0])
-    p.add_argument("--amp-prompts", type=int, default=20)
-    p.add_argument("--amp-prompt-len", type=int, default=32)
-    p.add_argument("--amp-len", type=int, default=100)
-    p.add_argument("--amp-temperature", type=float, default=0.7)
-    # ---- 4. partition ---------------------------------------------------------------------------------------
-    p.add_argument("--tau", type=float, default=0.05)
-    p.add_argument("--min-fire", type=int, default=1, help="firings for an atom to count as alive")
+    for flag, d, hlp in FLAGS:
+        kw = ({"type": d} if isinstance(d, type) else {"choices": d, "default": d[0]} if isinstance(d, tuple) else
+              {"type": lambda s, t=type(d[0]): [t(x) for x in s.split(",")], "default": d} if isinstance(d, list)
+              else {"default": d} if d is None else {"type": type(d), "default": d})
+        p.add_argument(f"--{flag}", help=hlp, **kw)
     args = p.parse_args(argv)
     args.exp = [e for e in args.exp.split(",") if e]
-    bad = [e for e in args.exp if e not in EXPERIMENTS]
-    if bad:
+    if bad := [e for e in args.exp if e not in EXPERIMENTS]:
         p.error(f"unknown experiment {bad[0]!r}; choose from {', '.join(EXPERIMENTS)}")
     return args
-
 
 def evaluate(site, blocks, args):
     """Scan the blocks once, run the chosen experiments; returns {experiment: results}."""
@@ -770,19 +650,13 @@ def evaluate(site, blocks, args):
     blocks = blocks.long().to(site.W_U.device)
     with torch.no_grad():
         scans = [scan(site, b) for b in tqdm(blocks, desc="scan", leave=False)]
-        res = {}
-        for name in args.exp:
-            r = EXPERIMENTS[name](site, blocks, scans, args)
-            res[name] = r[0] if isinstance(r, tuple) else r
-    return res
-
+        return {name: EXPERIMENTS[name](site, blocks, scans, args) for name in args.exp}
 
 def main(argv=None):
     import data
     import train
     args = parse_args(argv)
-    dtype = getattr(torch, args.dtype)
-    loaded = None
+    dtype, loaded = getattr(torch, args.dtype), None
     if args.run is None:  # train.py's default run: its default model, middle write layer, head 0
         targs = train.parse_args([])
         loaded = load_model(targs.model, device=args.device, dtype=dtype)

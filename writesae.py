@@ -494,3 +494,38 @@ def install_direction(W_O, W_U_T):
     """v*_T = W_O[h]ᵀ W_U[T] / ‖·‖: the unit value-side direction whose write most raises token T's logit."""
     v = W_U_T @ W_O                                                           # [..,V]
     return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+
+
+def shift_predictions(arch, dk, dv, w, t0, hs, unembed, read, W_O, eps):
+    """Eq. (1) per unit ε at t0 + h (h in hs) for dk ⊗ dv [A,r,K], [A,r,V] added to S_{t0}: 'nofit' carries the key
+    by G = Π decay (no erase term) through the head norm's diagonal gain; 'exact' by transport_key and the head
+    norm's exact local Jacobian (NaN where the writes lack what the transport needs). w the writes [T,..];
+    unembed(s) -> W_U rows through the final norm at s [A,n_tok,D]; read [T,V] the unedited reads.  -> 2 × [A,Hn,n_tok]"""
+    key_g, key_x, P, X = dk.clone(), dk.clone(), [], []
+    for s in range(t0, t0 + max(hs) + 1):
+        if s > t0:
+            w_s = {n: x[s] for n, x in w.items()}
+            key_g = w_s["decay"][None, None] * key_g
+            key_x = None if key_x is None else transport_key(arch, key_x, w_s)
+        if s - t0 in hs:
+            U = unembed(s)
+            P.append(logit_shift_prediction(1.0, key_g, w["query"][s], w["gain"][s], dv, W_O, U))
+            X.append(torch.full_like(P[-1], float("nan")) if key_x is None else logit_shift_prediction(
+                1.0, key_x, w["query"][s], w["gain"][s], norm_jacobian(arch, read[s], dv, eps), W_O, U))
+    return torch.stack(P, 1), torch.stack(X, 1)
+
+
+def install_factors(w, s, v, m=1.0):
+    """m·‖k_s v_sᵀ‖·k̂_s ⊗ v (App. I.6): the native key direction at s, sized like its write without β.
+    w the writes [T,..]; v [n,V] unit value directions.  -> ([1,K], [n,V])"""
+    k = w["add_k"][s, :1]                                                     # [1,K]
+    size = frob(k, w["add_v"][s, :1]) / (w["beta"][s] if "beta" in w else 1.0)
+    return m * size * (k / k.norm().clamp_min(1e-30)), v
+
+
+def atom_write_cosines(dec_k, dec_v, codes, nat_k, nat_v, chunk=8192):
+    """Signed Frobenius cosine of each firing atom with the native write at its position.
+    codes [T,n]; nat_k [T,r',K], nat_v [T,r',V].  -> cos, atom id [firings]"""
+    pos, atom = (codes > 0).nonzero(as_tuple=True)
+    cos = [frob_cos(dec_k[a], dec_v[a], nat_k[p], nat_v[p]) for p, a in zip(pos.split(chunk), atom.split(chunk))]
+    return (torch.cat(cos) if cos else codes.new_zeros(0)), atom
