@@ -199,6 +199,19 @@ class WriteModel(torch.nn.Module):
             for head in capture.heads or ():
                 self.check_site(capture.layers[0], head)
 
+    @staticmethod
+    def captured(writes, initial_state, capture, edited):
+        """One layer's writes restricted to capture.heads, with the states rebuilt from the increments on request."""
+        heads = slice(None) if capture.heads is None else list(capture.heads)
+        out = {n: x[:, :, heads] for n, x in writes.items()}
+        if capture.states:
+            if edited:  # an edit moves S_t off the increments' path, so the rebuilt states would be wrong
+                raise ValueError("capture.states with an edit in the same layer is not supported: "
+                                 "capture the states in an unedited forward")
+            S0 = None if initial_state is None else initial_state[:, heads]
+            out["states"] = rebuild_states(out["inc_k"], out["inc_v"], out["decay"], S0)  # [B,T,h,K,V]
+        return out
+
     @torch.no_grad()
     def generate(self, ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  edits=(), cache=None, seed: int | None = None):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import hub
-from .common import Cache, Output, WriteModel, rebuild_states, scan_with_edits
+from .common import Cache, Output, WriteModel, scan_with_edits
 
 DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"  # raw mamba_ssm repos ship none; the models were trained with it
 SCAN_CHUNK = 64  # our chunk length; results do not depend on it (the checkpoint's chunk_size tunes mamba_ssm's kernel)
@@ -334,18 +334,6 @@ class Mamba2ForCausalLM(WriteModel):
         W = self.lm_head_weight()
         logits = F.linear(self.backbone.norm_f(h).to(W.dtype), W).float()    # [B,T,vocab]
         return Output(logits, Cache(t0 + ids.shape[1], layers) if use_cache or cache is not None else None, captures)
-
-    @staticmethod
-    def captured(writes, initial_state, capture, edited):
-        heads_ = slice(None) if capture.heads is None else list(capture.heads)
-        out = {n: x[:, :, heads_] for n, x in writes.items()}
-        if capture.states:
-            if edited:  # an edit moves S_t off the increments' path, so the rebuilt states would be wrong
-                raise ValueError("capture.states with an edit in the same layer is not supported: "
-                                 "capture the states in an unedited forward")
-            S0 = None if initial_state is None else initial_state[:, heads_]
-            out["states"] = rebuild_states(out["inc_k"], out["inc_v"], out["decay"], S0)  # [B,T,h,N,P]
-        return out
 
     def head_out_proj(self, layer: int, head: int):
         self.check_site(layer, head)

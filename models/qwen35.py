@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import hub
-from .common import Cache, Output, WriteModel, rebuild_states, scan_with_edits
+from .common import Cache, Output, WriteModel, scan_with_edits
 
 
 @dataclass
@@ -364,18 +364,6 @@ class Qwen35ForCausalLM(WriteModel):
                 return Output(None, None, captures)
         logits = self.lm_head(self.model.norm(h)).float()                    # [B,T,vocab]
         return Output(logits, Cache(t0 + T, layers) if use_cache or cache is not None else None, captures)
-
-    @staticmethod
-    def captured(writes, initial_state, capture, edited):
-        heads = slice(None) if capture.heads is None else list(capture.heads)
-        out = {n: x[:, :, heads] for n, x in writes.items()}
-        if capture.states:
-            if edited:  # an edit moves S_t off the increments' path, so the rebuilt states would be wrong
-                raise ValueError("capture.states with an edit in the same layer is not supported: "
-                                 "capture the states in an unedited forward")
-            S0 = None if initial_state is None else initial_state[:, heads]
-            out["states"] = rebuild_states(out["inc_k"], out["inc_v"], out["decay"], S0)  # [B,T,h,K,V]
-        return out
 
     def head_out_proj(self, layer: int, head: int):
         self.check_site(layer, head)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import hub
-from .common import Cache, Output, WriteModel, rebuild_states, scan_with_edits
+from .common import Cache, Output, WriteModel, scan_with_edits
 
 
 @dataclass
@@ -311,24 +311,16 @@ class RWKV7(WriteModel):
         stop = max(capture.layers) if capture is not None and capture.stop_after else None
         for i, block in enumerate(self.model.layers):
             past = cache.layers[i] if cache is not None else None
-            x, v_first, now, writes = block(x, v_first, past, [e for e in edits if e.layer == i], t0, scan)
+            mine = [e for e in edits if e.layer == i]
+            x, v_first, now, writes = block(x, v_first, past, mine, t0, scan)
             layers.append(now)
             if capture is not None and i in capture.layers:
-                captures[i] = self._captured(writes, capture, past)
+                captures[i] = self.captured(writes, None if past is None else past["S"], capture, bool(mine))
             if i == stop:
                 return Output(None, None, captures)
         logits = self.lm_head(self.model.norm(x)).float()                          # [B,T,vocab]
         new = Cache(t0 + ids.shape[1], layers) if use_cache or cache is not None else None
         return Output(logits, new, captures)
-
-    @staticmethod
-    def _captured(writes, capture, past):
-        heads = list(capture.heads) if capture.heads is not None else slice(None)
-        got = {n: x[:, :, heads] for n, x in writes.items()}
-        if capture.states:  # rebuilt from the increments: exact without edits (an edit's own delta is not replayed)
-            S0 = past["S"][:, heads] if past is not None else None
-            got["states"] = rebuild_states(got["inc_k"], got["inc_v"], got["decay"], S0)
-        return got
 
     def head_out_proj(self, layer: int, head: int) -> torch.Tensor:
         self.check_site(layer, head)
