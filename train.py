@@ -65,9 +65,9 @@ def parse_args(argv=None):
     # ---- data ----------------------------------------------------------------------------------------------
     p.add_argument("--data", nargs="+", default=["demo"], help="text files, .jsonl with a text field, or demo")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per block; every block starts from S = 0")
-    p.add_argument("--n-seqs", type=int, default=2000, help="at most this many blocks")
+    p.add_argument("--n-seqs", type=int, default=1000, help="at most this many blocks")
     p.add_argument("--val-frac", type=float, default=0.2, help="held-out share of the blocks")
-    p.add_argument("--positions", default="64", type=positions_arg,
+    p.add_argument("--positions", default="32", type=positions_arg,
                    help="states per sequence and epoch: a number (random) or all")
     p.add_argument("--store-dtype", choices=data.STORE_DTYPES, default="float16", help="see data.py's glossary")
     p.add_argument("--extract-batch", type=int, default=8, help="blocks per model forward during extraction")
