@@ -194,8 +194,7 @@ def branches(site, blocks, points, rows_fn, n_after=0, desc=""):
     """For each (b, t) in points: rows_fn(b, t) -> one edit list per row; yields (b, t, logits [n,1+n_after,vocab]).
     Each block's prefix runs once (one cache walked along it); each point is one batched forward of token t
     (+ n_after) from cache.repeat(n), never the whole block again per condition."""
-    # both scans give the same results; a few tokens are cheaper as a loop than as a padded chunk
-    fastest, by = (lambda T: "recurrent" if T <= 8 else "chunked"), {}
+    by = {}
     for b, t in points:
         by.setdefault(b, set()).add(t)
     bar = tqdm(total=sum(map(len, by.values())), desc=desc, leave=False)
@@ -207,10 +206,8 @@ def branches(site, blocks, points, rows_fn, n_after=0, desc=""):
             x = blocks[b][t:t + 1 + n_after].expand(len(rows), -1)
             with torch.no_grad():
                 if t > pos:
-                    cache, pos = site.model(blocks[b][None, pos:t], cache=cache, use_cache=True,
-                                            impl=fastest(t - pos)).cache, t
-                logits = site.model(x, cache=None if cache is None else cache.repeat(len(rows)), edits=edits,
-                                    impl=fastest(x.shape[1])).logits
+                    cache, pos = site.model(blocks[b][None, pos:t], cache=cache, use_cache=True).cache, t
+                logits = site.model(x, cache=None if cache is None else cache.repeat(len(rows)), edits=edits).logits
             yield b, t, logits
             bar.update()
     bar.close()

@@ -114,7 +114,8 @@ def recurrent(inputs: dict, state=None, keep_states=False):
 def chunked(inputs: dict, state=None, chunk_size=64):
     """The same scan in chunks of C tokens (WY/UT form): matmuls inside a chunk, a loop over T/C chunks only."""
     q, k, v, g, beta = inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"]
-    (B, T, H, K), V, C = k.shape, v.shape[-1], chunk_size
+    (B, T, H, K), V = k.shape, v.shape[-1]
+    C = min(chunk_size, T)                                                    # no padding a short input to C
     N = -(-T // C)                                                            # chunks, the last one padded
 
     def blocks(x):  # [B,T,H,...] -> [B,H,N,C,...]; padded tokens are inert (k = q = 0, g = 0, β = 0)
@@ -223,13 +224,17 @@ class GatedDeltaNet(nn.Module):
         W = self.conv1d.kernel_size[0]
         prev = past["conv"] if "conv" in past else qkv.new_zeros(B, self.conv_dim, W - 1)
         xc = torch.cat([prev.to(qkv), qkv], -1)                               # [B,conv_dim,W−1+T] causal window
-        c = F.silu(F.conv1d(xc, self.conv1d.weight, groups=self.conv_dim)).transpose(1, 2).float()  # [B,T,conv]
+        del qkv  # the layer's largest activations: free each as soon as the next exists (peak memory)
+        conv = xc[..., -(W - 1):].clone()                                     # the decode cache's conv state
+        c = F.conv1d(xc, self.conv1d.weight, groups=self.conv_dim)
+        del xc
+        c = F.silu(c).transpose(1, 2).float()                                 # [B,T,conv_dim]
         q, k, v = c.split([Hk * K, Hk * K, H * V], -1)
         q = l2norm(q.reshape(B, T, Hk, K)).repeat_interleave(H // Hk, 2) * K ** -0.5  # [B,T,H,K]  v-head h
         k = l2norm(k.reshape(B, T, Hk, K)).repeat_interleave(H // Hk, 2)              # [B,T,H,K]  ← k-head h//(H/Hk)
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())  # [B,T,H]
         beta = torch.sigmoid(self.in_proj_b(x).float())                      # [B,T,H]
-        return {"q": q, "k": k, "v": v.reshape(B, T, H, V), "g": g, "beta": beta}, xc[..., -(W - 1):].clone()
+        return {"q": q, "k": k, "v": v.reshape(B, T, H, V), "g": g, "beta": beta}, conv
 
     def forward(self, x, past: dict, t0: int, edits, impl: str):
         B, T, _ = x.shape

@@ -123,7 +123,7 @@ def chunked(inputs: dict, state=None, chunk_size=32, **kw):
     overflow. L = 32 is the default: on a 2-core CPU it beat 64 (the L² pair terms) and 16 (more sequential steps).
     """
     B, T, H, K = inputs["r"].shape
-    V, L = inputs["v"].shape[-1], chunk_size
+    V, L = inputs["v"].shape[-1], min(chunk_size, T)  # a short input (a decode step) is one unpadded chunk
     S = inputs["r"].new_zeros(B, H, K, V, dtype=torch.float32) if state is None else state.float()
     pad = -T % L  # padded tokens are inert: decay 1 (w = 0), no write, no read
 
