@@ -63,8 +63,11 @@ def peak_memory(setup, run, device="cpu") -> float:
     if pid == 0:  # child: measure, report, exit without running the parent's atexit hooks
         os.close(r)
         torch.set_num_threads(1)                # the parent's OpenMP pool does not survive fork: it would hang
-        ctypes.CDLL(None).mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: freed blocks >= 64 kB go back to the OS,
-        state = setup()                         # so the resident set measures live memory, not the heap's habits
+        libc = ctypes.CDLL(None)                # the resident set must measure live memory, not the heap's habits:
+        libc.mallopt(-3, 1 << 16)               # M_MMAP_THRESHOLD: freed blocks >= 64 kB go back to the OS, and
+        libc.malloc_trim(0)                     # the free heap inherited from earlier benchmarks is released
+        state = setup()
+        libc.malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")                        # reset the peak mark: set-up's own transient peak is not run's
         base = _status_kb("VmRSS")

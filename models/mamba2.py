@@ -329,6 +329,7 @@ class Mamba2ForCausalLM(WriteModel):
             layers.append(new)
             if want:
                 captures[i] = self.captured(writes, past.get("ssm"), capture, edited=bool(mine))
+            del writes  # not held while the next layer runs: a layer's writes are its largest extra
             if i == stop:
                 return Output(None, None, captures)
         W = self.lm_head_weight()

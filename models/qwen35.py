@@ -365,6 +365,7 @@ class Qwen35ForCausalLM(WriteModel):
             layers.append(new)
             if capture is not None and i in capture.layers:
                 captures[i] = self.captured(writes, past.get("state"), capture, edited=bool(mine))
+            del writes  # not held while the next layer runs: a layer's writes are its largest extra
             if i == stop:
                 return Output(None, None, captures)
         logits = self.lm_head(self.model.norm(h)).float()                    # [B,T,vocab]

@@ -316,6 +316,7 @@ class RWKV7(WriteModel):
             layers.append(now)
             if capture is not None and i in capture.layers:
                 captures[i] = self.captured(writes, None if past is None else past["S"], capture, bool(mine))
+            del writes  # not held while the next layer runs: a layer's writes are its largest extra
             if i == stop:
                 return Output(None, None, captures)
         logits = self.lm_head(self.model.norm(x)).float()                          # [B,T,vocab]
