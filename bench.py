@@ -406,7 +406,7 @@ def bench_eval(device="cpu", reps=5, n_firings=12, T=256):
         return torch.stack(kls)
 
     err = (branched() - full()).abs().max().item()
-    t = time_interleaved({"branched": branched, "full": full}, device, reps=max(1, reps // 2))
+    t = time_interleaved({"branched": branched, "full": full}, device, reps)
     n = len(picked)
     report(f"eval: substitution firings/s (demo GDN, T = {T}, {n} firings × 6 rows, {device})", [
         ("branched from the cached prefix", f"{n / t['branched']:.2f} firings/s"),

@@ -206,7 +206,7 @@ def branches(site, blocks, points, rows_fn, n_after=0, desc=""):
             x = blocks[b][t:t + 1 + n_after].expand(len(rows), -1)
             with torch.no_grad():
                 if t > pos:
-                    cache, pos = site.model(blocks[b][None, pos:t], cache=cache, use_cache=True).cache, t
+                    cache, pos = site.model(blocks[b][None, pos:t], cache=cache, use_cache=True, logits="none").cache, t
                 logits = site.model(x, cache=None if cache is None else cache.repeat(len(rows)), edits=edits).logits
             yield b, t, logits
             bar.update()

@@ -62,7 +62,8 @@ class Capture:
 
 
 class Output(NamedTuple):
-    logits: torch.Tensor | None   # [B,T,vocab] fp32; None when the forward stopped after the last captured layer
+    logits: torch.Tensor | None   # [B,T,vocab] fp32 ([B,1,vocab] with logits="last"); None with logits="none" or
+                                  # when the forward stopped after the last captured layer
     cache: "Cache | None"         # a new cache covering every token seen; the input cache is never mutated
     captures: dict                # {layer: writes dict}, heads restricted to Capture.heads
 
@@ -170,7 +171,8 @@ class WriteModel(torch.nn.Module):
       n_heads       state heads per write layer;  state_shape (K, V)
       write_rank    {"additive": r, "increment": r};  default_write "additive" | "increment"
       layer_kind    a word for the error message, e.g. "Gated DeltaNet"
-    and implement forward(ids, cache=None, use_cache=False, edits=(), capture=None, impl="chunked") -> Output.
+    and implement forward(ids, cache=None, use_cache=False, edits=(), capture=None, impl="chunked", logits="all")
+    -> Output.
     """
 
     arch = ""
@@ -200,6 +202,14 @@ class WriteModel(torch.nn.Module):
                 self.check_site(capture.layers[0], head)
 
     @staticmethod
+    def logit_rows(h, logits: str):
+        """The final hidden states the head is applied to: logits="all" | "last" (generation) | "none" (a cache
+        walk that reads no prediction) -> h [B,T|1,D] or None."""
+        if logits not in ("all", "last", "none"):
+            raise ValueError(f"logits must be 'all', 'last' or 'none', not {logits!r}")
+        return {"all": h, "last": h[:, -1:], "none": None}[logits]
+
+    @staticmethod
     def captured(writes, initial_state, capture, edited):
         """One layer's writes restricted to capture.heads, with the states rebuilt from the increments on request."""
         heads = slice(None) if capture.heads is None else list(capture.heads)
@@ -224,7 +234,7 @@ class WriteModel(torch.nn.Module):
         def run(x, cache):
             lo, hi = (0 if cache is None else cache.pos), (0 if cache is None else cache.pos) + x.shape[1]
             now = [e for e in pending if lo <= e.pos < hi]
-            return self(x, cache=cache, use_cache=True, edits=now)
+            return self(x, cache=cache, use_cache=True, edits=now, logits="last")
 
         res = run(ids, cache)
         for i in range(max_new_tokens):

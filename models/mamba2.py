@@ -311,7 +311,7 @@ class Mamba2ForCausalLM(WriteModel):
         self.n_heads, self.state_shape = config.n_heads, (config.d_state, config.headdim)
         self.write_rank = {"additive": 1, "increment": 1}
 
-    def forward(self, ids, cache=None, use_cache=False, edits=(), capture=None, impl="chunked") -> Output:
+    def forward(self, ids, cache=None, use_cache=False, edits=(), capture=None, impl="chunked", logits="all") -> Output:
         self.check_edits(edits)
         self.check_capture(capture)
         if impl not in SCANS:
@@ -333,8 +333,9 @@ class Mamba2ForCausalLM(WriteModel):
             if i == stop:
                 return Output(None, None, captures)
         W = self.lm_head_weight()
-        logits = F.linear(self.backbone.norm_f(h).to(W.dtype), W).float()    # [B,T,vocab]
-        return Output(logits, Cache(t0 + ids.shape[1], layers) if use_cache or cache is not None else None, captures)
+        h = self.logit_rows(h, logits)
+        out = None if h is None else F.linear(self.backbone.norm_f(h).to(W.dtype), W).float()  # [B,T,vocab]
+        return Output(out, Cache(t0 + ids.shape[1], layers) if use_cache or cache is not None else None, captures)
 
     def head_out_proj(self, layer: int, head: int):
         self.check_site(layer, head)

@@ -348,7 +348,7 @@ class Qwen35ForCausalLM(WriteModel):
         dtype = self.model.embed_tokens.weight.dtype
         return ang.cos().to(dtype), ang.sin().to(dtype)
 
-    def forward(self, ids, cache=None, use_cache=False, edits=(), capture=None, impl="chunked") -> Output:
+    def forward(self, ids, cache=None, use_cache=False, edits=(), capture=None, impl="chunked", logits="all") -> Output:
         self.check_edits(edits)
         self.check_capture(capture)
         if impl not in SCANS:
@@ -368,8 +368,9 @@ class Qwen35ForCausalLM(WriteModel):
             del writes  # not held while the next layer runs: a layer's writes are its largest extra
             if i == stop:
                 return Output(None, None, captures)
-        logits = self.lm_head(self.model.norm(h)).float()                    # [B,T,vocab]
-        return Output(logits, Cache(t0 + T, layers) if use_cache or cache is not None else None, captures)
+        h = self.logit_rows(h, logits)
+        out = None if h is None else self.lm_head(self.model.norm(h)).float()  # [B,T,vocab]
+        return Output(out, Cache(t0 + T, layers) if use_cache or cache is not None else None, captures)
 
     def head_out_proj(self, layer: int, head: int):
         self.check_site(layer, head)

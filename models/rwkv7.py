@@ -296,7 +296,7 @@ class RWKV7(WriteModel):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embeddings.weight
 
-    def forward(self, ids, cache=None, use_cache=False, edits=(), capture=None, impl="chunked") -> Output:
+    def forward(self, ids, cache=None, use_cache=False, edits=(), capture=None, impl="chunked", logits="all") -> Output:
         self.check_edits(edits)
         self.check_capture(capture)
         scan = {"chunked": chunked, "recurrent": recurrent}.get(impl)
@@ -319,9 +319,10 @@ class RWKV7(WriteModel):
             del writes  # not held while the next layer runs: a layer's writes are its largest extra
             if i == stop:
                 return Output(None, None, captures)
-        logits = self.lm_head(self.model.norm(x)).float()                          # [B,T,vocab]
+        x = self.logit_rows(x, logits)
+        out = None if x is None else self.lm_head(self.model.norm(x)).float()      # [B,T,vocab]
         new = Cache(t0 + ids.shape[1], layers) if use_cache or cache is not None else None
-        return Output(logits, new, captures)
+        return Output(out, new, captures)
 
     def head_out_proj(self, layer: int, head: int) -> torch.Tensor:
         self.check_site(layer, head)

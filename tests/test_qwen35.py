@@ -237,6 +237,20 @@ def test_prefill_then_decode_equals_full_forward_and_cache_is_not_mutated(pair):
 
 
 @torch.no_grad()
+def test_logits_last_and_none_keep_the_cache(pair):
+    _, ours = pair
+    ids = ids_for(ours, T=20)
+    full = ours(ids, use_cache=True)
+    last, none = ours(ids, use_cache=True, logits="last"), ours(ids, use_cache=True, logits="none")
+    assert_close("last-position logits", full.logits[:, -1:], last.logits)
+    assert none.logits is None
+    for a, b in zip(full.cache.layers, none.cache.layers):
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    with pytest.raises(ValueError, match="logits must be"):
+        ours(ids, logits="first")
+
+
+@torch.no_grad()
 def test_edits_during_decoding_equal_the_edited_full_forward(pair):
     _, ours = pair
     ids = ids_for(ours, T=12)
