@@ -93,6 +93,27 @@ def report(title, rows):
         print(f"| {label} | {value} |")
 
 
+def whole_forward(ours, theirs, ids, device, reps, goal, label,
+                  load=lambda a, b: b.load_state_dict(a.state_dict())):
+    """Our model vs transformers' on the same ids: peak memory (first, each side built in its own forked child,
+    before any forward of this process), then time with our model carrying transformers' weights."""
+    def forward(m):
+        with torch.no_grad():
+            return m(ids).logits
+
+    mem = {name: peak_memory(make, forward, device) for name, make in (("ours", ours), ("transformers", theirs))}
+    a, b = theirs(), ours()
+    load(a, b)
+    ref, got = forward(a), forward(b)
+    err = ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+    t = time_interleaved({"ours": lambda: forward(b), "transformers": lambda: forward(a)}, device, reps)
+    return [(f"whole forward {label}: time ours / transformers (goal <= {goal}x)",
+             f"{t['ours'] / t['transformers']:.2f}x ({t['ours'] * 1e3:.0f} ms / {t['transformers'] * 1e3:.0f} ms; "
+             f"logits rms-rel {err:.1e})"),
+            (f"whole forward: peak memory ours / transformers (goal <= {goal}x)",
+             f"{mem['ours'] / mem['transformers']:.2f}x ({mem['ours']:.0f} MB / {mem['transformers']:.0f} MB)")]
+
+
 # ======================================================================================================
 # Benchmarks. Each registers under a short name and prints its own table of ratios.
 # ======================================================================================================
@@ -127,12 +148,7 @@ def bench_gdn(device="cpu", reps=5):
     def ours():  # random weights: the memory child must not build transformers' model too
         return qwen35.Qwen35ForCausalLM(qwen35.Qwen35Config.from_hf(cfg.to_dict())).to(device).eval()
 
-    def forward(m):
-        with torch.no_grad():
-            return m(ids).logits
-
-    mem = {name: peak_memory(make, forward, device)
-           for name, make in (("ours", ours), ("transformers", theirs))}
+    rows = whole_forward(ours, theirs, ids, device, reps, "1.0", "0.8B widths, 4 layers, T=512")
 
     B, T, H, K, V = 1, 1024, 16, 128, 128
     r = lambda *s: torch.randn(*s, generator=gen).to(device)  # noqa: E731
@@ -144,21 +160,11 @@ def bench_gdn(device="cpu", reps=5):
         t = time_interleaved({"recurrent": lambda: qwen35.recurrent(x), "chunked": lambda: qwen35.chunked(x),
                               "transformers": lambda: hf_chunk(q_raw, x["k"], x["v"], g=x["g"], beta=x["beta"],
                                                                output_final_state=True)}, device, reps)
-    rows = [(f"GDN scan H={H} K=V={K} T={T} fp32: recurrent / chunked (goal >= 8x)",
+    rows += [(f"GDN scan H={H} K=V={K} T={T} fp32: recurrent / chunked (goal >= 8x)",
              f"{t['recurrent'] / t['chunked']:.1f}x ({t['recurrent'] * 1e3:.0f} ms / {t['chunked'] * 1e3:.1f} ms)"),
             ("ours chunked / transformers torch_chunk_gated_delta_rule (goal <= 1.0x)",
              f"{t['chunked'] / t['transformers']:.2f}x ({t['transformers'] * 1e3:.1f} ms theirs)")]
 
-    a, b = theirs(), ours()
-    b.load_state_dict(a.state_dict())
-    err = (forward(a) - forward(b)).pow(2).mean().sqrt() / forward(a).pow(2).mean().sqrt()
-    t = time_interleaved({"ours": lambda: forward(b), "transformers": lambda: forward(a)}, device, reps)
-    del a, b
-    rows += [("whole forward 0.8B widths, 4 layers, T=512: time ours / transformers (goal <= 1.0x)",
-              f"{t['ours'] / t['transformers']:.2f}x ({t['ours'] * 1e3:.0f} ms / {t['transformers'] * 1e3:.0f} ms; "
-              f"logits rms-rel {err:.1e})"),
-             ("whole forward: peak memory ours / transformers (goal <= 1.0x)",
-              f"{mem['ours'] / mem['transformers']:.2f}x ({mem['ours']:.0f} MB / {mem['transformers']:.0f} MB)")]
     report(f"gdn ({device})", rows)
 
 # ---- mamba2 (models/mamba2.py) -------------------------------------------------------------------------
@@ -188,22 +194,9 @@ def bench_mamba2(device="cpu", reps=5):
     def ours():  # random weights: the memory child must not build transformers' model too
         return mamba2.Mamba2ForCausalLM(mamba2.Mamba2Config.from_hf(cfg.to_dict())).to(device).eval()
 
-    def forward(m):
-        with torch.no_grad():
-            return m(ids).logits
-
-    mem = {name: peak_memory(make, forward, device)
-           for name, make in (("ours", ours), ("transformers", theirs))}
-    a, b = theirs(), ours()
-    b.load_state_dict({n: w for n, w in a.state_dict().items() if n != "lm_head.weight"})  # tied head
-    err = (forward(a) - forward(b)).pow(2).mean().sqrt() / forward(a).pow(2).mean().sqrt()
-    t = time_interleaved({"ours": lambda: forward(b), "transformers": lambda: forward(a)}, device, reps)
-    del a, b
-    rows = [(f"whole forward 370m widths, 4 layers, T={T}: time ours / transformers (goal <= 0.7x)",
-             f"{t['ours'] / t['transformers']:.2f}x ({t['ours'] * 1e3:.0f} ms / {t['transformers'] * 1e3:.0f} ms; "
-             f"logits rms-rel {err:.1e})"),
-            ("whole forward: peak memory ours / transformers (goal <= 0.7x)",
-             f"{mem['ours'] / mem['transformers']:.2f}x ({mem['ours']:.0f} MB / {mem['transformers']:.0f} MB)")]
+    rows = whole_forward(ours, theirs, ids, device, reps, "0.7", f"370m widths, 4 layers, T={T}",
+                         load=lambda a, b: b.load_state_dict({n: w for n, w in a.state_dict().items()
+                                                              if n != "lm_head.weight"}))  # tied head
 
     r = lambda *s: torch.randn(*s, generator=gen).to(device)  # noqa: E731
     dt_raw, A = r(B, T, H) - 2, -torch.rand(H, generator=gen).to(device) * 4

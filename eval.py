@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from models import Capture, Edit, load_model
-from writesae import (WriteSAE, atom_write_cosines, frob, install_direction, install_factors,
+from writesae import (WriteSAE, atom_write_cosines, install_direction, install_factors,
                       logit_shift_prediction, shift_predictions, substitution_factors)
 
 F64 = torch.float64

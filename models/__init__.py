@@ -14,6 +14,8 @@ import torch
 from . import hub
 from .common import Capture, Cache, Edit, Output, WriteModel, rebuild_states  # noqa: F401  (the public API)
 
+__all__ = ["load_model", "detect_arch", "Capture", "Cache", "Edit", "Output", "WriteModel", "rebuild_states"]
+
 ARCHS = {"qwen35": "Qwen3.5 (Gated DeltaNet)", "mamba2": "Mamba-2", "rwkv7": "RWKV-7"}
 
 

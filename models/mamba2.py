@@ -258,7 +258,7 @@ class Mamba2Mixer(nn.Module):
             self.A_log.copy_(torch.empty(H).uniform_(1, 16).log())
 
     def forward(self, u, past: dict, t0: int, edits, impl: str, want_writes: bool):
-        cfg, (Bn, T, _) = self.cfg, u.shape
+        cfg, Bn = self.cfg, u.shape[0]
         H, G, N, K1 = cfg.n_heads, cfg.ngroups, cfg.d_state, cfg.d_conv - 1
         zxbcdt = self.in_proj(u.to(self.in_proj.weight.dtype)).float()         # [B,T,2·d_inner+2GN+H]
         z, xBC, dt = zxbcdt.split([cfg.d_inner, cfg.conv_dim, H], dim=-1)

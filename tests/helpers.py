@@ -2,8 +2,6 @@
 
 import sys
 
-import torch
-
 
 def rel_err(ref, got) -> float:
     """RMS-relative error ‖got − ref‖ / ‖ref‖ (fla's get_err_ratio)."""

@@ -117,7 +117,7 @@ def test_native_atom_gives_zero_kl_and_a_null_atom_cannot_win(tiny):
     n = site.dec_k.shape[0]
     kls = {}
     for name in ("native", "null"):
-        for b, t in [(0, 0)] + [(b, int(ev.frob(*ev.native(site, scans[b], slice(None))).argmax())) for b in (0, 1)]:
+        for b, t in [(0, 0)] + [(b, int(writesae.frob(*ev.native(site, scans[b], slice(None))).argmax())) for b in (0, 1)]:
             nk, nv = ev.native(site, scans[b], t)
             if name == "null":
                 nk = torch.zeros_like(nk)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from models import hub, load_model
 from models.common import Capture, Edit, scan_with_edits
-from models.mamba2 import (Mamba2Config, Mamba2ForCausalLM, chunked, from_pretrained, recurrent, save_pretrained,
+from models.mamba2 import (Mamba2Config, chunked, from_pretrained, recurrent, save_pretrained,
                            step)
 
 D_MODEL, N_LAYER, HEADS, P, N, VOCAB, PAD = 32, 2, 8, 8, 16, 100, 16   # raw vocab 100 is padded to 112

@@ -195,7 +195,7 @@ def test_capture_heads_states_and_stop_after(pair):
     layer = ours.write_layers[0]
     full = ours(ids, use_cache=True, capture=Capture((layer,), heads=(1,), states=True))
     w = full.captures[layer]
-    H, (K, V) = ours.n_heads, ours.state_shape
+    K, V = ours.state_shape
     assert w["add_k"].shape == (2, 30, 1, 1, K) and w["inc_v"].shape == (2, 30, 1, 1, V)
     assert w["gain"].shape == (2, 30, 1, V) and w["decay"].shape == (2, 30, 1, 1) and w["beta"].shape == (2, 30, 1)
     assert_close("last captured state", full.cache.layers[layer]["state"][:, 1:2], w["states"][:, -1])
