@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from models import Capture, Edit, load_model
-from writesae import (WriteSAE, atom_write_cosines, install_direction, install_factors,
+from writesae import (WriteSAE, atom_write_cosines, frob, frob_cos, install_direction, install_factors,
                       logit_shift_prediction, shift_predictions, substitution_factors)
 
 F64 = torch.float64
@@ -238,13 +238,17 @@ def subst_summary(R, mask, args, key="kl"):
     win, n = (d - a) > tie(a, d), len(a)
     chain = win & ((r - d) > tie(d, r))
     med = {c: median_mad(x) for c, x in (("atom", a), ("delete", d), ("random", r))}
-    quart = torch.bucketize(d.double(), torch.quantile(d.double(), torch.tensor([.25, .5, .75], dtype=F64)))
+    def by_quartile(x):  # win rate in each quartile of x over these firings, with the quartile edges
+        edges = torch.quantile(x.double(), torch.tensor([.25, .5, .75], dtype=F64))
+        q = torch.bucketize(x.double(), edges)
+        return {"edges": edges.tolist(), "win": [win[q == j].float().mean().item() for j in range(4)]}
     out = {"n": n, "win": win.float().mean().item(), "win_ci": wilson(int(win.sum()), n),
            "chain": chain.float().mean().item(), "chain_ci": wilson(int(chain.sum()), n), "median": med,
            "ratio_of_medians": [1.0] + [med[c][0] / max(med["atom"][0], 1e-30) for c in ("delete", "random")],
            "per_firing_ratio": {c: (x / a.clamp_min(1e-30)).median().item() for c, x in (("delete", d), ("random", r))},
            "sign": sign_stats(torch.where((d - a).abs() > tie(a, d), d - a, torch.zeros_like(d))),
-           "failure_by_delete_quartile": [1 - win[quart == j].float().mean().item() for j in range(4)]}
+           "by_delete_kl": by_quartile(d), "by_cos": by_quartile(R["cos"][mask]),
+           "by_norm_ratio": by_quartile(R["norm_ratio"][mask]), "median_cos": R["cos"][mask].median().item()}
     atoms = R["atom"][mask]  # population test: the mean of per-atom win rates (≤ --per-atom firings each)
     per = [w for w in (win[atoms == i][:args.per_atom] for i in atoms.unique()) if len(w) >= args.min_atom_firings]
     if per:
@@ -260,13 +264,15 @@ def firing_kls(site, blocks, scans, picked, gen, horizon=0):
         f = substitution_factors(site.dec_k, site.dec_v, scans[b]["codes"][t], *native(site, scans[b], t), gen)
         return [[]] + [[edit(site, t, "delete" if f[c] is None else "replace", f[c])] for c in CONDS]
 
-    R = {k: [] for k in ("block", "t", "atom", "onset", "kl", "kl_h")}
+    R = {k: [] for k in ("block", "t", "atom", "onset", "kl", "kl_h", "cos", "norm_ratio")}
     for b, t, logits in branches(site, blocks, picked, rows_fn, horizon, "substitution"):
         lp = logits.float().log_softmax(-1)                                   # [1+5,1+h,vocab]
         kl = (lp[:1].exp() * (lp[:1] - lp[1:])).sum(-1)                       # [5,1+h]  KL(p_base ‖ p_cond)
         c = scans[b]["codes"]
         i = int(c[t].argmax())
-        for k, v in zip(R, (b, t, i, t == 0 or c[t - 1, i].item() == 0, kl[:, 0].cpu(), kl.sum(1).cpu())):
+        atom, nat = (c[t, i] * site.dec_k[i], site.dec_v[i]), native(site, scans[b], t)   # a_{i*}A_{i*}, W_nat
+        for k, v in zip(R, (b, t, i, t == 0 or c[t - 1, i].item() == 0, kl[:, 0].cpu(), kl.sum(1).cpu(),
+                            frob_cos(*atom, *nat).item(), (frob(*atom) / frob(*nat).clamp_min(1e-30)).item())):
             R[k].append(v)
     return {k: torch.stack(v) if k.startswith("kl") else torch.tensor(v) for k, v in R.items()}
 
@@ -540,7 +546,9 @@ def headline(res, arch):
                      (f"strict chain ({name})", pct(s["chain"]), s["n"], ci(s["chain_ci"]), paper("chain")),
                      (f"median KL atom : delete : random ({name})", " : ".join(f"{r:.2f}" for r in
                                                                             s["ratio_of_medians"]), s["n"], "",
-                      paper("ratio"))]
+                      paper("ratio")),
+                     (f"win by quartile of cos(atom term, W_nat) ({name})", " / ".join(map(pct, s["by_cos"]["win"])),
+                      s["n"], "", "")]
             if p := s.get("population"):
                 rows.append((f"population test ({name})", pct(p["mean"]), f"{p['atoms']} atoms", ci(p["ci"]),
                              paper("population")))

@@ -237,3 +237,11 @@ def test_bad_input_one_line(case, extra, message, gdn_dir, corpus, tmp_path):
         train.main(argv)
     msg = str(e.value.code)
     assert msg.startswith("train.py: error: ") and message in msg and "\n" not in msg, msg
+
+
+def test_learning_rate_defaults():
+    """DESIGN.md §4's 3e-4 → 3e-5 for checkpoints; the short demo runs get 1e-3 → 1e-4; lr_end follows lr."""
+    demo, hub = train.parse_args([]), train.parse_args(["--model", "Qwen/Qwen3.5-0.8B"])
+    assert (demo.lr, demo.lr_end) == pytest.approx((train.DEMO_LR, train.DEMO_LR / 10)) and (hub.lr, hub.lr_end) == pytest.approx((3e-4, 3e-5))
+    given = train.parse_args(["--lr", "2e-3", "--lr-end", "0"])
+    assert (given.lr, given.lr_end) == (2e-3, 0.0)
