@@ -318,7 +318,7 @@ class Mamba2ForCausalLM(WriteModel):
             raise ValueError(f"impl must be one of {list(SCANS)}, not {impl!r}")
         if ids.dim() != 2 or ids.dtype != torch.long:
             raise ValueError(f"ids must be a [B,T] long tensor, not {ids.dtype} {list(ids.shape)}")
-        t0 = 0 if cache is None else cache.pos
+        t0, keep = (0, use_cache) if cache is None else (cache.pos, True)
         stop = max(capture.layers) if capture is not None and capture.stop_after and capture.layers else None
         h, layers, captures = self.backbone.embeddings(ids).float(), [], {}   # [B,T,D] residual in fp32
         for i, block in enumerate(self.backbone.layers):
@@ -326,16 +326,18 @@ class Mamba2ForCausalLM(WriteModel):
             mine = [e for e in edits if e.layer == i]
             want = capture is not None and i in capture.layers
             h, new, writes = block(h, past, t0, mine, impl, want)
-            layers.append(new)
+            if keep:  # else a layer's state is garbage as soon as the next layer runs
+                layers.append(new)
             if want:
                 captures[i] = self.captured(writes, past.get("ssm"), capture, edited=bool(mine))
-            del writes  # not held while the next layer runs: a layer's writes are its largest extra
+            del new, writes  # not held while the next layer runs (writes are a layer's largest extra)
             if i == stop:
                 return Output(None, None, captures)
         W = self.lm_head_weight()
         h = self.logit_rows(h, logits)
-        out = None if h is None else F.linear(self.backbone.norm_f(h).to(W.dtype), W).float()  # [B,T,vocab]
-        return Output(out, Cache(t0 + ids.shape[1], layers) if use_cache or cache is not None else None, captures)
+        h = None if h is None else self.backbone.norm_f(h).to(W.dtype)  # the pre-norm residual is freed first
+        out = None if h is None else F.linear(h, W).float()                   # [B,T,vocab]
+        return Output(out, Cache(t0 + ids.shape[1], layers) if keep else None, captures)
 
     def head_out_proj(self, layer: int, head: int):
         self.check_site(layer, head)

@@ -354,7 +354,7 @@ class Qwen35ForCausalLM(WriteModel):
         if impl not in SCANS:
             raise ValueError(f"impl must be one of {list(SCANS)}, not {impl!r}")
         B, T = ids.shape
-        t0 = 0 if cache is None else cache.pos
+        t0, keep = (0, use_cache) if cache is None else (cache.pos, True)
         cos, sin = self.rotary(torch.arange(t0, t0 + T, device=ids.device))
         stop = max(capture.layers) if capture is not None and capture.stop_after and capture.layers else None
         h, layers, captures = self.model.embed_tokens(ids), [], {}
@@ -362,15 +362,17 @@ class Qwen35ForCausalLM(WriteModel):
             past = {} if cache is None else cache.layers[i]
             mine = [e for e in edits if e.layer == i]
             h, new, writes = layer(h, past, cos, sin, t0, mine, impl)
-            layers.append(new)
+            if keep:  # else a layer's state is garbage as soon as the next layer runs
+                layers.append(new)
             if capture is not None and i in capture.layers:
                 captures[i] = self.captured(writes, past.get("state"), capture, edited=bool(mine))
-            del writes  # not held while the next layer runs: a layer's writes are its largest extra
+            del new, writes  # not held while the next layer runs (writes are a layer's largest extra)
             if i == stop:
                 return Output(None, None, captures)
         h = self.logit_rows(h, logits)
-        out = None if h is None else self.lm_head(self.model.norm(h)).float()  # [B,T,vocab]
-        return Output(out, Cache(t0 + T, layers) if use_cache or cache is not None else None, captures)
+        h = None if h is None else self.model.norm(h)  # reassigned: the pre-norm residual is freed before the logits
+        out = None if h is None else self.lm_head(h).float()                  # [B,T,vocab]
+        return Output(out, Cache(t0 + T, layers) if keep else None, captures)
 
     def head_out_proj(self, layer: int, head: int):
         self.check_site(layer, head)

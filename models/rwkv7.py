@@ -306,23 +306,24 @@ class RWKV7(WriteModel):
             raise ValueError(f"ids must be [B,T] token ids, got shape {list(ids.shape)}")
         if cache is not None and len(cache.layers) != len(self.write_layers):
             raise ValueError(f"cache has {len(cache.layers)} layers, the model {len(self.write_layers)}")
-        t0 = cache.pos if cache is not None else 0
+        t0, keep = (0, use_cache) if cache is None else (cache.pos, True)
         x, v_first, layers, captures = self.model.embeddings(ids), None, [], {}
         stop = max(capture.layers) if capture is not None and capture.stop_after else None
         for i, block in enumerate(self.model.layers):
             past = cache.layers[i] if cache is not None else None
             mine = [e for e in edits if e.layer == i]
             x, v_first, now, writes = block(x, v_first, past, mine, t0, scan)
-            layers.append(now)
+            if keep:  # else a layer's state is garbage as soon as the next layer runs
+                layers.append(now)
             if capture is not None and i in capture.layers:
                 captures[i] = self.captured(writes, None if past is None else past["S"], capture, bool(mine))
-            del writes  # not held while the next layer runs: a layer's writes are its largest extra
+            del now, writes  # not held while the next layer runs (writes are a layer's largest extra)
             if i == stop:
                 return Output(None, None, captures)
         x = self.logit_rows(x, logits)
-        out = None if x is None else self.lm_head(self.model.norm(x)).float()      # [B,T,vocab]
-        new = Cache(t0 + ids.shape[1], layers) if use_cache or cache is not None else None
-        return Output(out, new, captures)
+        x = None if x is None else self.model.norm(x)  # reassigned: the pre-norm residual is freed before the logits
+        out = None if x is None else self.lm_head(x).float()                       # [B,T,vocab]
+        return Output(out, Cache(t0 + ids.shape[1], layers) if keep else None, captures)
 
     def head_out_proj(self, layer: int, head: int) -> torch.Tensor:
         self.check_site(layer, head)
