@@ -1,6 +1,7 @@
 """Run the paper's experiments on a trained WriteSAE and write report.md / report.json beside the paper's numbers.
 
   python eval.py                                   # every experiment on train.py's default run directory
+  python eval.py --model demo/mamba2               # ... on the default run of `train.py --model demo/mamba2`
   python eval.py --run runs/x --exp subst,closed   # some: subst, closed, erase, sign, install, amplify, partition
 
 Glossary (DESIGN.md §4; PAPER_NOTES.md §5–§8)
@@ -609,9 +610,9 @@ EXPERIMENTS = {"subst": exp_subst, "closed": exp_closed, "erase": exp_erase, "si
 FLAGS = [  # (flag, default, help): the type is the default's (a type: that type, default None); a list is
     # comma-separated; a tuple lists the choices, the first is the default
     # ---- run, site, output ----
-    ("run", None, "train.py run directory (default: train.py's default --out)"),
+    ("run", None, "train.py run directory (default: train.py's default --out for --model)"),
     ("exp", ",".join(EXPERIMENTS), f"comma list of {', '.join(EXPERIMENTS)}"),
-    ("model", None, "override the run's model (same architecture and site)"),
+    ("model", None, "the model of train.py's default run, or with --run: override its model (same site)"),
     ("head", int, "which of the run's heads (default its first)"), ("sae", "best", "the run's SAE directory: best or last"),
     ("max-blocks", 64, "held-out blocks scanned"), ("device", "cuda" if torch.cuda.is_available() else "cpu", None),
     ("dtype", ("float32", "bfloat16", "float16"), None), ("seed", 2026, "the paper's substitution / Experiment C seed"),
@@ -662,8 +663,8 @@ def main(argv=None):
     import train
     args = parse_args(argv)
     dtype, loaded = getattr(torch, args.dtype), None
-    if args.run is None:  # train.py's default run: its default model, middle write layer, head 0
-        targs = train.parse_args([])
+    if args.run is None:  # train.py's default run for --model (or its default model): middle write layer, head 0
+        targs = train.parse_args([] if args.model is None else ["--model", args.model])
         loaded = load_model(targs.model, device=args.device, dtype=dtype)
         m = loaded[0]
         args.run = train.default_out(targs.model, m.write_layers[len(m.write_layers) // 2],

@@ -191,3 +191,15 @@ def test_cli_on_a_train_run(tmp_path, text):
     assert "layer 2 head 1" in md and "held-out blocks × 48 tokens" in md and res["subst"]["all"]["n"] > 0
     with pytest.raises(ValueError, match="head 3 has no SAE"):
         ev.main(["--run", str(run), "--head", "3", "--exp", "partition"])
+
+
+def test_cli_default_run_of_a_model(tmp_path, text, monkeypatch):
+    """`eval.py --model M` evaluates `train.py --model M`'s default run directory (runs/<M>-L<mid>-H0)."""
+    import train
+    build("mamba2", tmp_path / "m2", text)
+    (tmp_path / "corpus.txt").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    out = train.main(["--model", "m2", "--data", "corpus.txt", "--seq-len", "48", "--n-seqs", "12", "--epochs", "1",
+                      "--n-feat", "32", "--k", "4", "--batch", "64", "--device", "cpu"])
+    res = ev.main(["--model", "m2", "--device", "cpu", "--exp", "subst"] + FAST)
+    assert (out / "eval" / "report.md").exists() and res["subst"]["all"]["n"] > 0
