@@ -98,7 +98,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="run directory (default runs/<model>-L<layer>-H<heads>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly (same arguments)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between validations (default: an epoch)")
-    p.add_argument("--val-states", type=int, default=8192, help="validation states (a fixed sample)")
+    p.add_argument("--val-states", type=int, default=4096, help="validation states (a fixed sample)")
     p.add_argument("--log-every", type=int, default=10, help="steps between train records in metrics.jsonl")
     p.add_argument("--max-steps", type=int, default=None, help="stop at this step as Ctrl-C does (save last/)")
     args = p.parse_args(argv)
