@@ -291,7 +291,10 @@ def exp_subst(site, blocks, scans, args):
     if not picked:
         raise ValueError("the SAE never fires on the held-out blocks: no firings to substitute")
     R = firing_kls(site, blocks, scans, picked, gen, args.horizon)
-    res = {"scale": args.scale, "horizon": args.horizon, "n_candidates": sum(map(len, cand.values()))}
+    share = torch.cat([frob(*native(site, sc, slice(None))) / sc["S_norm"].clamp_min(1e-30) for sc in scans])
+    res = {"scale": args.scale, "horizon": args.horizon, "n_candidates": sum(map(len, cand.values())),
+           "mean_decay": torch.cat([sc["w"]["decay"].flatten() for sc in scans]).mean().item(),  # the head's memory
+           "median_write_share": share.median().item()}                                      # ‖W_nat‖ / ‖S_t‖
     for name, mask in (("all", torch.ones_like(R["onset"])), ("onset", R["onset"])):
         res[name] = subst_summary(R, mask, args)
         if args.horizon:
@@ -541,6 +544,9 @@ def headline(res, arch):
     """Rows (quantity, ours, n, 95% CI, the paper's value and n) — the paper's from PAPER_NOTES.md §10."""
     rows, pct, ci = [], lambda x: fmt(x, True), lambda c, p=True: f"[{fmt(c[0], p)}, {fmt(c[1], p)}]"  # noqa: E731
     paper = lambda key: PAPER.get(f"{key} {arch}", PAPER.get(key, ""))  # noqa: E731
+    if "subst" in res:
+        rows.append(("head memory: mean decay; median ‖W_nat‖ / ‖S_t‖", f"{res['subst']['mean_decay']:.3g}; "
+                     f"{res['subst']['median_write_share']:.3g}", "", "", ""))
     for name in ("all", "onset") if "subst" in res else ():
         if (s := res["subst"][name]).get("n"):
             rows += [(f"substitution win ({name} firings)", pct(s["win"]), s["n"], ci(s["win_ci"]), paper("win")),
