@@ -305,7 +305,10 @@ def exp_subst(site, blocks, scans, args):
 # ==== Experiment 2: the closed-form logit shift (§2, App. A) ====
 
 def exp_closed(site, blocks, scans, args):
-    """Add ε·A_i at t0, measure Δℓ at t0 + h on each atom's top direct-path tokens, compare with Eq. (1)."""
+    """Add ε·A_i at t0, measure Δℓ at t0 + h on each atom's top direct-path tokens, compare with Eq. (1): R² across
+    prompts per (atom, ε) cell, for Eq. (1) as written (nofit: G = Πα, the head norm's diagonal gain) and with one
+    OLS slope (ols), and for the exact in-layer transport and head-norm Jacobian (exact, exact_ols). Both leave out
+    the layers after the site (the direct path); at h = 0 that is all 'exact' leaves out."""
     scale = torch.cat([sc["S_norm"] for sc in scans]).median().item()        # ε is in units of the median ‖S_t‖_F
     gen, hs, E, T = seeded(args, 1), args.cf_h, torch.tensor(args.eps) * scale, blocks.shape[1]
     eps = HEAD_NORM_EPS.get(site.model.arch, lambda c: 0.0)(site.model.config)
@@ -334,11 +337,12 @@ def exp_closed(site, blocks, scans, args):
     grid = lambda fn, p, j, k=0: torch.tensor([[fn(y[:, a, e, j, k], p[:, a, e, j, k])  # noqa: E731  [A,E] cells
                                                  for e in range(n_e)] for a in range(A)])
     for j, h in enumerate(hs):
-        cells = {kind: grid(fn, p, j) for kind, fn, p in (("nofit", r2, f), ("ols", ols_r2, f), ("exact", r2, x))
-                 if p[..., j, 0].isfinite().all()}
+        cells = {kind: grid(fn, p, j) for kind, fn, p in (("nofit", r2, f), ("ols", ols_r2, f), ("exact", r2, x),
+                                                          ("exact_ols", ols_r2, x)) if p[..., j, 0].isfinite().all()}
         agree = (y[..., j, 0].sign() == f[..., j, 0].sign())
         res["by_h"][h] = {**{kind: {"median_cell": c.nanmedian().item(), "median_per_atom": c.nanmedian(1)
-                                    .values.tolist(), "frac_cells_gt_0.95": (c > 0.95).float().mean().item()}
+                                    .values.tolist(), "median_by_eps": c.nanmedian(0).values.tolist(),
+                                    "frac_cells_gt_0.95": (c > 0.95).float().mean().item()}
                              for kind, c in cells.items()},
                           "ols_by_token_rank": [grid(ols_r2, f, j, k).nanmedian().item() for k in range(y.shape[-1])],
                           "sign_agreement": agree.double().mean().item(),
@@ -562,9 +566,10 @@ def headline(res, arch):
     if r := res.get("closed"):
         h = 1 if 1 in r["by_h"] else next(iter(r["by_h"]))
         c = r["by_h"][h]
-        rows += [(f"closed-form R² ({kind}, h = {h}): median cell; cells > 0.95", f"{fmt(c[kind]['median_cell'])}; "
+        rows += [(f"closed-form R² ({kind}, h = {h}): median cell; at ε = {r['eps'][0]:g}; cells > 0.95",
+                  f"{fmt(c[kind]['median_cell'])}; {fmt(c[kind]['median_by_eps'][0])}; "
                   f"{pct(c[kind]['frac_cells_gt_0.95'])}", len(r["atoms"]) * len(r["eps"]), "", paper("closed"))
-                 for kind in ("ols", "nofit", "exact") if kind in c]
+                 for kind in ("ols", "nofit", "exact", "exact_ols") if kind in c]
         rows.append((f"closed-form sign agreement (h = {h})", pct(c["sign_agreement"]), c["n_sign"],
                      ci(c["sign_agreement_ci"]), paper("closed sign")))
     if e := res.get("erase"):

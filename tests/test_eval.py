@@ -147,6 +147,7 @@ def test_closed_form_with_exact_transport_matches_finite_differences(arch, eps, 
     res = ev.evaluate(site, ids, args)["closed"]
     for h, c in res["by_h"].items():
         assert min(c["exact"]["median_per_atom"]) >= floor, (h, c["exact"])
+        assert min(c["exact_ols"]["median_by_eps"]) >= floor, (h, c["exact_ols"])  # a free slope cannot lose R²
 
 
 # ---- cache edits ---------------------------------------------------------------------------------------------
