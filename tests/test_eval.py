@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import eval as ev
+import report
+import stats
 import writesae
 from models import demo, load_model
 
@@ -89,24 +91,24 @@ def tiny(request, tmp_path_factory, text):
 def test_wilson_matches_known_values():
     for (k, n), (lo, hi) in {(5, 10): (0.2366, 0.7634), (0, 10): (0.0, 0.2775), (4481, 4851): (0.9160, 0.9309),
                              (1, 1): (0.2065, 1.0)}.items():
-        got = ev.wilson(k, n)
+        got = stats.wilson(k, n)
         assert abs(got[0] - lo) < 1e-4 and abs(got[1] - hi) < 1e-4, (k, n, got)
 
 
 def test_em_recovers_two_clusters_and_prefers_one_on_one():
     g = torch.Generator().manual_seed(0)
     x = torch.cat([0.01 * torch.randn(200, generator=g), 0.3 + 0.02 * torch.randn(100, generator=g)])
-    mu, var, pi, _, bic2 = ev.gmm_em(x, 2)
+    mu, var, pi, _, bic2 = stats.gmm_em(x, 2)
     assert abs(mu[0]) < 0.005 and abs(mu[1] - 0.3) < 0.01 and abs(pi[0] - 2 / 3) < 0.01
-    assert abs(var[0] ** 0.5 - 0.01) < 0.003 and bic2 < ev.gmm_em(x, 1)[4] - 100
+    assert abs(var[0] ** 0.5 - 0.01) < 0.003 and bic2 < stats.gmm_em(x, 1)[4] - 100
     one = 0.02 * torch.randn(300, generator=g)
-    assert ev.gmm_em(one, 2)[4] > ev.gmm_em(one, 1)[4]
+    assert stats.gmm_em(one, 2)[4] > stats.gmm_em(one, 1)[4]
 
 
 def test_sign_stats():
-    s = ev.sign_stats(torch.tensor([1.0, 2, 3, -0.5, 0]))
+    s = stats.sign_stats(torch.tensor([1.0, 2, 3, -0.5, 0]))
     assert (s["wins"], s["losses"], s["ties"]) == (3, 1, 1) and s["paired_dominance"] == pytest.approx(0.4)
-    assert ev.sign_stats(torch.arange(1.0, 41))["wilcoxon_p"] < 1e-6
+    assert stats.sign_stats(torch.arange(1.0, 41))["wilcoxon_p"] < 1e-6
 
 
 # ---- substitution identities --------------------------------------------------------------------------------
@@ -171,7 +173,7 @@ def test_every_experiment_end_to_end(tiny, tmp_path):
     assert res["sign"]["n"] == 24 and res["partition"]["alive"] > 0
     same = lambda r: json.dumps(r, sort_keys=True, default=float)  # noqa: E731  (NaN-safe equality)
     assert same(res) == same(ev.evaluate(site, ids, args))  # deterministic for a seed
-    ev.write_report(tmp_path, res, {"model": "tiny", "arch": site.model.arch, "layer": site.layer,
+    report.write_report(tmp_path, res, {"model": "tiny", "arch": site.model.arch, "layer": site.layer,
                                     "head": site.head})
     md = (tmp_path / "report.md").read_text()
     assert "| substitution win (all firings) |" in md and "| closed-form R² (ols" in md
