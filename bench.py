@@ -382,6 +382,7 @@ def bench_eval(device="cpu", reps=5, n_firings=12, T=256):
     """Substitution-test firings per second: eval.py's branch (one cache walked along each block, then one batched
     forward of the firing token for the 6 rows base + 5 conditions) against re-running the full block once per row
     with that row's edit. Same firings, same substitutes, the demo GDN architecture at random init."""
+    import edits
     import eval as ev
     import writesae
     from models import demo
@@ -404,7 +405,7 @@ def bench_eval(device="cpu", reps=5, n_firings=12, T=256):
         gen, kls = torch.Generator().manual_seed(0), []
         for b, t in picked:
             nat = ev.native(site, scans[b], t)
-            f = writesae.substitution_factors(site.dec_k, site.dec_v, scans[b]["codes"][t], *nat, gen)
+            f = edits.substitution_factors(site.dec_k, site.dec_v, scans[b]["codes"][t], *nat, gen)
             rows = [[]] + [[ev.edit(site, t, "delete" if f[c] is None else "replace", f[c])] for c in ev.CONDS]
             lp = torch.stack([model(blocks[b][None], edits=es).logits[0, t] for es in rows]).float().log_softmax(-1)
             kls.append((lp[:1].exp() * (lp[:1] - lp[1:])).sum(-1))

@@ -29,11 +29,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from edits import (atom_write_cosines, frob, frob_cos, install_direction, install_factors, logit_shift_prediction,
+                   shift_predictions, substitution_factors)
 from models import Capture, Edit, load_model
 from report import write_report
 from stats import bootstrap_ci, gmm_em, median_mad, ols_r2, paired_summary, r2, sign_stats, wilson
-from writesae import (WriteSAE, atom_write_cosines, frob, frob_cos, install_direction, install_factors,
-                      logit_shift_prediction, shift_predictions, substitution_factors)
+from writesae import WriteSAE
 
 
 # ==== The site: model, layer, head, SAE; one unedited scan per held-out block ====
@@ -329,9 +330,9 @@ def exp_install(site, blocks, scans, args):
         x = prompt[None].expand(len(rows) + 1, -1)
         lp = site.model(x, edits=edits).logits[:, -1].float().log_softmax(-1)
         cont = site.model.generate(x, args.gen_len, edits=edits)[:, P:]
-        for r, (j, T, m) in enumerate(rows, 1):  # (stratum, m, in edited, in native, first-step lift, rank shift)
+        for r, (j, T, m) in enumerate(rows, 1):  # (stratum, m, in edited, in native, first-step lift, rank shift, b)
             out.append((j, m, bool((cont[r] == T).any()), bool((cont[0] == T).any()), (lp[r, T] - lp[0, T]).item(),
-                        int((lp[0] > lp[0, T]).sum()) - int((lp[r] > lp[r, T]).sum())))
+                        int((lp[0] > lp[0, T]).sum()) - int((lp[r] > lp[r, T]).sum()), b))
     res = {"prompts": min(args.install_prompts, len(blocks)), "positions": "the prompt's last 3", "by_m": {}}
     for m in ms:
         res["by_m"][f"{m:g}"] = cells = {}
@@ -343,8 +344,18 @@ def exp_install(site, blocks, scans, args):
                     "n": len(o), "edited": hit / len(o), "edited_ci": wilson(hit, len(o)), "native": nat / len(o),
                     "native_ci": wilson(nat, len(o)), "first_step_lift": torch.tensor([x[4] for x in o]).median().item(),
                     "rank_shift": torch.tensor([float(x[5]) for x in o]).median().item(),
-                    "rank_improved": sum(x[5] > 0 for x in o) / len(o)}
+                    "rank_improved": sum(x[5] > 0 for x in o) / len(o), **prompt_level_lift(o, args)}
     return res
+
+def prompt_level_lift(o, args):
+    """A prompt's targets share its context, so the lift is tested across prompts: each prompt's mean lift, their
+    mean with a bootstrap CI and the Wilcoxon p (PAPER_NOTES §7.3: trials are not independent)."""
+    by = {}
+    for x in o:
+        by.setdefault(x[6], []).append(x[4])
+    d = torch.tensor([sum(v) / len(v) for v in by.values()], dtype=torch.float64)
+    return {"lift_prompts": len(d), "lift_prompt_mean": d.mean().item(),
+            "lift_prompt_ci": bootstrap_ci(d, "mean", args.boot, args.seed), "lift_wilcoxon_p": sign_stats(d)["wilcoxon_p"]}
 
 def safe_decode(tok, ids):
     try:

@@ -101,8 +101,10 @@ def headline(res, arch):
                   ci(c["edited_ci"]), paper(f"install {key}") if m == "3" else "")
                  for key, c in cells.items() if key in ("100-1000", "pooled")]
         if c := cells.get("pooled"):
-            rows.append((f"install m = {m}: first-step log-p lift (median)", f"{c['first_step_lift']:+.3g}", c["n"],
-                         "", paper("install lift") if m == "3" else ""))
+            rows.append((f"install m = {m}: first-step log-p lift: median; mean over prompts (p)",
+                         f"{c['first_step_lift']:+.3g}; {c['lift_prompt_mean']:+.3g} (p = {c['lift_wilcoxon_p']:.2g})",
+                         f"{c['n']} ({c['lift_prompts']} prompts)", ci(c["lift_prompt_ci"], False),
+                         paper("install lift") if m == "3" else ""))
     if a := res.get("amplify"):
         rows += [(f"{a['class']} count, {name}", f"{c['mean_base']:.3g} → {c['mean']:.3g} (p = {c['perm_p']:.2g}, "
                   f"d = {c['cohen_d']:.2f})", a["prompts"], ci(c["ci"], False), PAPER.get(name, ""))

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import edits
 import eval as ev
 import report
 import stats
@@ -119,7 +120,7 @@ def test_native_atom_gives_zero_kl_and_a_null_atom_cannot_win(tiny):
     n = site.dec_k.shape[0]
     kls = {}
     for name in ("native", "null"):
-        for b, t in [(0, 0)] + [(b, int(writesae.frob(*ev.native(site, scans[b], slice(None))).argmax())) for b in (0, 1)]:
+        for b, t in [(0, 0)] + [(b, int(edits.frob(*ev.native(site, scans[b], slice(None))).argmax())) for b in (0, 1)]:
             nk, nv = ev.native(site, scans[b], t)
             if name == "null":
                 nk = torch.zeros_like(nk)
@@ -153,6 +154,16 @@ def test_closed_form_with_exact_transport_matches_finite_differences(arch, eps, 
 
 
 # ---- cache edits ---------------------------------------------------------------------------------------------
+
+def test_install_lift_is_tested_across_prompts():
+    """Many targets of one prompt count once: prompt 0's six +1 lifts and prompt 1's one −1 lift average to 0."""
+    args = ev.parse_args(["--boot", "200"])
+    trial = lambda lift, b: (0, 3.0, False, False, lift, 0, b)  # noqa: E731  (stratum, m, .., lift, rank, prompt)
+    two = ev.prompt_level_lift([trial(1.0, 0)] * 6 + [trial(-1.0, 1)], args)
+    assert two["lift_prompts"] == 2 and two["lift_prompt_mean"] == 0.0
+    many = ev.prompt_level_lift([trial(0.1 + 0.01 * b, b) for b in range(20)], args)
+    assert many["lift_wilcoxon_p"] < 1e-3 and 0.1 < many["lift_prompt_ci"][0] < many["lift_prompt_ci"][1] < 0.3
+
 
 def test_install_with_m_zero_leaves_generation_unchanged(tiny):
     site, ids = tiny
