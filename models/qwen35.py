@@ -119,13 +119,15 @@ def chunked(inputs: dict, state=None, chunk_size=64):
     N = -(-T // C)                                                            # chunks, the last one padded
 
     def blocks(x):  # [B,T,H,...] -> [B,H,N,C,...]; padded tokens are inert (k = q = 0, g = 0, β = 0)
-        x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, N * C - T))
-        return x.view(B, N, C, H, -1).permute(0, 3, 1, 2, 4).contiguous()
+        if N * C != T:  # F.pad copies even when it pads nothing
+            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, N * C - T))
+        return x.view(B, N, C, H, -1).permute(0, 3, 1, 2, 4).clone(memory_format=torch.contiguous_format)  # a copy
 
     qc, kc, vc = blocks(q), blocks(k), blocks(v)                              # [B,H,N,C,K|V]
     gc, bc = blocks(g)[..., 0], blocks(beta)                                  # [B,H,N,C], [B,H,N,C,1]
     # 1. γ_i = Σ_{s≤i} g_s: log of the loop's product of α from the chunk start through token i
     gam = gc.cumsum(-1)                                                       # [B,H,N,C]
+    e_gam = gam.exp()[..., None]                                              # [B,H,N,C,1]
     # 2. Γ_ij = exp(γ_i − γ_j) for j ≤ i: the decay a write at j has suffered when read at i
     causal = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
     Gam = (gam[..., :, None] - gam[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # [B,H,N,C,C]
@@ -139,11 +141,11 @@ def chunked(inputs: dict, state=None, chunk_size=64):
     del A
     U = A_inv @ vc.mul_(bc)                                                   # [B,H,N,C,V]  (vc is our own copy)
     del vc
-    W = A_inv @ (kb * gam.exp()[..., None])                                   # [B,H,N,C,K]
+    W = A_inv @ (kb * e_gam)                                                  # [B,H,N,C,K]
     del A_inv, kb
     # 4. decays applied once, outside the chunk loop: q̃ e^γ reads the chunk-start state, (Q Kᵀ ⊙ Γ) this
     #    chunk's writes, k e^{γ_C − γ} carries each write to the chunk end
-    q_start = qc * gam.exp()[..., None]                                       # [B,H,N,C,K]
+    q_start = qc * e_gam                                                      # [B,H,N,C,K]
     intra = (qc @ kc.transpose(-1, -2)) * Gam                                 # [B,H,N,C,C]
     k_end = kc * (gam[..., -1:] - gam).exp()[..., None]                       # [B,H,N,C,K]
     a_end = gam[..., -1].exp()[..., None, None]                               # [B,H,N,1,1]
