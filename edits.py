@@ -1,7 +1,14 @@
-"""The math of the paper's state edits, used by eval.py: the substitutes of the substitution test's conditions,
-the exact in-layer transport of a perturbation, Eq. (1)'s closed-form logit shift, and the install write (App. I).
+"""State edits at one site, used by eval.py's experiments: how they run (one unedited scan per held-out block, then
+every edited condition branched from the cached prefix) and the math they follow (the substitutes of the
+substitution test's conditions, the exact in-layer transport of a perturbation, Eq. (1)'s closed-form logit shift,
+the install write of App. I).
 
 Glossary (PAPER_NOTES.md §5–§7)
+  site         one (layer ℓ, head h) of a model with the SAE trained on its states S_t [K,V]
+  scan         one unedited forward of a block: the head's writes, ‖S_t‖, the reads, the SAE codes, the final
+               norm's local Jacobian at every position
+  branch       prefill the block once up to t (one cache walked along it), then cache.repeat(n) and one forward of
+               token t (+ n_after) with one edited row per condition
   (k, v)       a rank-r matrix Σ_r k_r v_rᵀ held as its factors k [..,r,K], v [..,r,V]; never formed
   W_nat        the native write at t; a_{i*} A_{i*} the dominant atom's term that replaces it
   δS, G        a perturbation of S_{t0}; G = Π_{s=t0+1}^{t} α_s its decay up to t (Eq. 1 drops the erase term)
@@ -10,8 +17,106 @@ Glossary (PAPER_NOTES.md §5–§7)
   v*_T         W_O[h]ᵀ W_U[T] / ‖·‖, the value direction that most raises T's logit (App. I.5)
 """
 
-import torch
+import dataclasses
+import math
 
+import torch
+from tqdm import tqdm
+
+from models import Capture, Edit
+from writesae import WriteSAE
+
+
+# ==== The site: model, layer, head, SAE; one unedited scan per held-out block; edits branched from a cache ====
+
+FINAL_NORM = {"qwen35": "model.norm", "mamba2": "backbone.norm_f", "rwkv7": "model.norm"}  # feeds the unembedding
+HEAD_NORM_EPS = {"qwen35": lambda c: c.rms_norm_eps, "rwkv7": lambda c: c.head_dim * c.norm_eps}
+
+@dataclasses.dataclass
+class Site:
+    model: torch.nn.Module
+    tok: object
+    sae: WriteSAE          # a one-head view of the trained SAE
+    layer: int
+    head: int
+    write: str             # additive | increment: the native write the conditions remove
+    dec_k: torch.Tensor    # [n,r,K] decoder atoms (flat: top-r SVD factors)
+    dec_v: torch.Tensor    # [n,r,V]
+    W_O: torch.Tensor      # [D,V] the head's out-projection columns, fp32
+    W_U: torch.Tensor      # [vocab,D] fp32
+
+def make_site(model, tok, sae, sae_index, layer, head, write):
+    """The site of head `head`, whose SAE is index sae_index of the (possibly multi-head) trained SAE."""
+    one = WriteSAE(dataclasses.replace(sae.cfg, n_sae=1), seed=0)
+    one.load_state_dict({n: t[sae_index:sae_index + 1] for n, t in sae.state_dict().items()})
+    one = one.to(next(model.parameters()).device).eval()
+    if one.cfg.variant == "flat":
+        dk, dv = map(torch.stack, zip(*[one.atom(i) for i in range(one.cfg.n_feat)]))
+    else:
+        dk, dv = one.dec_k[0].detach(), one.dec_v[0].detach()
+    return Site(model, tok, one, layer, head, write, dk.float(), dv.float(),
+                model.head_out_proj(layer, head).detach().float(), model.lm_head_weight().detach().float())
+
+@torch.no_grad()
+def scan(site, ids):
+    """One unedited forward of a block ids [T]: the head's writes (time first, head axis removed), ‖S_t‖_F, the
+    read S_tᵀq_t [T,V], the SAE codes [T,n], and the final norm's local Jacobian at every position (diagonal gain
+    fgain [T,D] times the projection I − proj projᵀ, minus the mean for a LayerNorm)."""
+    fn, xs = site.model.get_submodule(FINAL_NORM[site.model.arch]), []
+    hook = fn.register_forward_pre_hook(lambda m, a: xs.append(a[0].float()))
+    try:
+        out = site.model(ids[None], capture=Capture((site.layer,), (site.head,), states=True))
+    finally:
+        hook.remove()
+    w = {n: x[0, :, 0].float() for n, x in out.captures[site.layer].items()}
+    S, x, ln = w.pop("states"), xs[-1][0], isinstance(fn, torch.nn.LayerNorm)  # [T,K,V], [T,D]
+    xc = x - x.mean(-1, keepdim=True) if ln else x
+    var = xc.pow(2).mean(-1, keepdim=True) + fn.eps                           # σ² (LayerNorm) or ms (RMSNorm)
+    weight = fn.weight.float() if ln else fn(torch.ones_like(x[:1])).float() * math.sqrt(1 + fn.eps)
+    # the final norm's Jacobian at x_t is diag(fgain) P with P = I − x̃x̃ᵀ/(D σ²) (− 11ᵀ/D for LayerNorm)
+    return {"w": w, "S_norm": S.flatten(1).norm(dim=-1), "read": torch.einsum("tkv,tk->tv", S, w["query"]),  # [T,V]
+            "codes": torch.cat([site.sae.encode(c[None])[0] for c in S.split(1024)]),                     # [T,n]
+            "fgain": weight * torch.rsqrt(var), "proj": xc * torch.rsqrt(var * x.shape[-1]), "center": ln}
+
+def unembed(site, sc, t, toks):
+    """Rows W_U[tok] carried back through the final norm's exact local Jacobian at t: ⟨row, δr⟩ = Δℓ_tok to
+    first order for a residual change δr [D] (the direct path's last step).  toks [..] -> [..,D]"""
+    u = site.W_U[toks] * sc["fgain"][t]
+    u = u - (u @ sc["proj"][t])[..., None] * sc["proj"][t]
+    return u - u.mean(-1, keepdim=True) if sc["center"] else u
+
+def native(site, sc, t):  # the native write W_nat at t (or a slice of positions) as factors  [r,K], [r,V]
+    kind = "add" if site.write == "additive" else "inc"
+    return sc["w"][f"{kind}_k"][t], sc["w"][f"{kind}_v"][t]
+
+def branches(site, blocks, points, rows_fn, n_after=0, desc=""):
+    """For each (b, t) in points: rows_fn(b, t) -> one edit list per row; yields (b, t, logits [n,1+n_after,vocab]).
+    Each block's prefix runs once (one cache walked along it); each point is one batched forward of token t
+    (+ n_after) from cache.repeat(n), never the whole block again per condition."""
+    by = {}
+    for b, t in points:
+        by.setdefault(b, set()).add(t)
+    bar = tqdm(total=sum(map(len, by.values())), desc=desc, leave=False)
+    for b in sorted(by):
+        cache, pos = None, 0
+        for t in sorted(by[b]):
+            rows = rows_fn(b, t)
+            edits = [dataclasses.replace(e, batch=r) for r, es in enumerate(rows) for e in es]
+            x = blocks[b][t:t + 1 + n_after].expand(len(rows), -1)
+            with torch.no_grad():
+                if t > pos:
+                    cache, pos = site.model(blocks[b][None, pos:t], cache=cache, use_cache=True, logits="none").cache, t
+                logits = site.model(x, cache=None if cache is None else cache.repeat(len(rows)), edits=edits).logits
+            yield b, t, logits
+            bar.update()
+    bar.close()
+
+def edit(site, pos, op, kv=None, **kw):  # an Edit at this site; kv = (k [r,K], v [r,V]) or None for delete
+    k, v = (None, None) if kv is None else kv
+    return Edit(site.layer, site.head, pos, op, k, v, write=site.write if op != "add" else None, **kw)
+
+
+# ==== The math of the edits ====
 
 def frob(k, v):
     """‖Σ_r k_r v_rᵀ‖_F from the factors k [..,r,K], v [..,r,V] without forming the matrix."""

@@ -18,7 +18,7 @@ import zlib
 import pytest
 import torch
 
-from models import demo, hub, load_model
+from models import demo, hub, load_model, rdata
 
 # --------------------------------------------------------------------------------------------------------
 # R serialization, written by hand from R Internals §1.8 (XDR, big-endian)
@@ -76,7 +76,7 @@ def test_r_reader_rda_by_hand():
     mixed = named_list({"text": novel, "n": counts, "x": i32(14, 1) + struct.pack(">d", 2.5),
                         "latin": i32(16, 1) + charsxp("naïve", LATIN1)})
     rda = gzip.compress(b"RDX3\n" + stream(pairlist({"austen": mixed, "empty": i32(254)})))
-    got = demo.read_rda(rda)
+    got = rdata.read_rda(rda)
     assert list(got) == ["austen", "empty"] and got["empty"] is None
     d = got["austen"].named()
     assert d["text"] == ["It is a truth universally acknowledged,", None, "café", ""]
@@ -95,17 +95,17 @@ def test_r_reader_lazyload_db(compressed):
         records += rec
     flag = i32(10, 1, 1) if compressed == "zlib" else i32(13, 1, 3)   # compressed = TRUE (zlib) or 3L (xz)
     index = named_list({"variables": named_list(variables), "references": i32(19, 0), "compressed": flag})
-    got = demo.read_lazyload(gzip.compress(stream(index)), records)
+    got = rdata.read_lazyload(gzip.compress(stream(index)), records)
     assert got == {"emma": ["EMMA", "", "By Jane Austen"], "persuasion": ["Persuasion", "Finis"]}
 
 
 def test_r_reader_errors():
-    with pytest.raises(demo.RFormatError, match="SEXP type 3"):        # a closure is code, not data
-        demo.unserialize(stream(i32(3)))
-    with pytest.raises(demo.RFormatError, match="truncated"):
-        demo.unserialize(stream(i32(16, 1, 9 | UTF8 << 12, 10) + b"abc"))
-    with pytest.raises(demo.RFormatError, match="format b'A\\\\n'"):
-        demo.unserialize(b"A\n3\n")
+    with pytest.raises(rdata.RFormatError, match="SEXP type 3"):        # a closure is code, not data
+        rdata.unserialize(stream(i32(3)))
+    with pytest.raises(rdata.RFormatError, match="truncated"):
+        rdata.unserialize(stream(i32(16, 1, 9 | UTF8 << 12, 10) + b"abc"))
+    with pytest.raises(rdata.RFormatError, match="format b'A\\\\n'"):
+        rdata.unserialize(b"A\n3\n")
 
 
 def deb_with(files: dict) -> bytes:

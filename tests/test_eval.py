@@ -77,7 +77,7 @@ def site_of(model, tok, n_sae=2, seed=0):
     K, V = model.state_shape
     cfg = writesae.SAEConfig(d_k=K, d_v=V, n_feat=32, k=4, rank=2 if model.arch == "rwkv7" else 1, n_sae=n_sae)
     layer = model.write_layers[-1]
-    return ev.make_site(model, tok, writesae.WriteSAE(cfg, seed=seed), n_sae - 1, layer, n_sae - 1,
+    return edits.make_site(model, tok, writesae.WriteSAE(cfg, seed=seed), n_sae - 1, layer, n_sae - 1,
                         model.default_write)
 
 
@@ -116,12 +116,12 @@ def test_sign_stats():
 
 def test_native_atom_gives_zero_kl_and_a_null_atom_cannot_win(tiny):
     site, ids = tiny
-    scans = [ev.scan(site, b) for b in ids[:2]]
+    scans = [edits.scan(site, b) for b in ids[:2]]
     n = site.dec_k.shape[0]
     kls = {}
     for name in ("native", "null"):
-        for b, t in [(0, 0)] + [(b, int(edits.frob(*ev.native(site, scans[b], slice(None))).argmax())) for b in (0, 1)]:
-            nk, nv = ev.native(site, scans[b], t)
+        for b, t in [(0, 0)] + [(b, int(edits.frob(*edits.native(site, scans[b], slice(None))).argmax())) for b in (0, 1)]:
+            nk, nv = edits.native(site, scans[b], t)
             if name == "null":
                 nk = torch.zeros_like(nk)
             one = dataclasses.replace(site, dec_k=nk.expand(n, -1, -1), dec_v=nv.expand(n, -1, -1))
@@ -167,7 +167,7 @@ def test_install_lift_is_tested_across_prompts():
 
 def test_install_with_m_zero_leaves_generation_unchanged(tiny):
     site, ids = tiny
-    sc = ev.scan(site, ids[0])
+    sc = edits.scan(site, ids[0])
     x = ids[:1, :12]
     base = site.model.generate(x, 6)
     assert torch.equal(site.model.generate(x, 6, edits=ev.install_edits(site, sc, 12, 7, 0.0)), base)
