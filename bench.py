@@ -382,7 +382,6 @@ def bench_eval(device="cpu", reps=5, n_firings=12, T=256):
     """Substitution-test firings per second: eval.py's branch (one cache walked along each block, then one batched
     forward of the firing token for the 6 rows base + 5 conditions) against re-running the full block once per row
     with that row's edit. Same firings, same substitutes, the demo GDN architecture at random init."""
-    import edits
     import eval as ev
     import writesae
     from models import demo
@@ -390,10 +389,10 @@ def bench_eval(device="cpu", reps=5, n_firings=12, T=256):
     K, V = model.state_shape
     sae = writesae.WriteSAE(writesae.SAEConfig(d_k=K, d_v=V, n_feat=2048, k=32), seed=0).to(device)
     layer = model.write_layers[len(model.write_layers) // 2]
-    site = edits.make_site(model, None, sae, 0, layer, 0, model.default_write)
+    site = ev.make_site(model, None, sae, 0, layer, 0, model.default_write)
     blocks = torch.randint(4096, (2, T), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
-        scans = [edits.scan(site, b) for b in blocks]
+        scans = [ev.scan(site, b) for b in blocks]
     g = torch.Generator().manual_seed(1)
     picked = sorted({(b, int(t)) for b in range(2) for t in torch.randint(T, (n_firings // 2,), generator=g)})
 
@@ -404,9 +403,9 @@ def bench_eval(device="cpu", reps=5, n_firings=12, T=256):
     def full():
         gen, kls = torch.Generator().manual_seed(0), []
         for b, t in picked:
-            nat = edits.native(site, scans[b], t)
-            f = edits.substitution_factors(site.dec_k, site.dec_v, scans[b]["codes"][t], *nat, gen)
-            rows = [[]] + [[edits.edit(site, t, "delete" if f[c] is None else "replace", f[c])] for c in ev.CONDS]
+            nat = ev.native(site, scans[b], t)
+            f = writesae.substitution_factors(site.dec_k, site.dec_v, scans[b]["codes"][t], *nat, gen)
+            rows = [[]] + [[ev.edit(site, t, "delete" if f[c] is None else "replace", f[c])] for c in ev.CONDS]
             lp = torch.stack([model(blocks[b][None], edits=es).logits[0, t] for es in rows]).float().log_softmax(-1)
             kls.append((lp[:1].exp() * (lp[:1] - lp[1:])).sum(-1))
         return torch.stack(kls)

@@ -15,11 +15,13 @@ Glossary (DESIGN.md §4; PAPER_NOTES.md §5–§8)
   KL            KL(p_base ‖ p_cond) over the full vocabulary at the edited position t (the read at t already sees
                 S'_t), plus the sum over --horizon further positions
   win / chain   KL_atom < KL_delete (ties are losses) / KL_atom < KL_delete < KL_random
-  branch        every condition forked from one cached prefix of the block (edits.py)
+  branch        prefill the block once up to t (one cache walked along the block), then cache.repeat(n) and
+                one forward of token t (+ horizon) with one edited row per condition
   Δℓ, G, q̃, g   logit shift, product of decays since t0, the read vector, the head's local norm×gate gain
 """
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -27,16 +29,193 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from edits import (HEAD_NORM_EPS, atom_write_cosines, branches, edit, frob, frob_cos, install_direction,
-                   install_factors, logit_shift_prediction, make_site, native, scan, shift_predictions,
-                   substitution_factors, unembed)
-from models import load_model
-from report import write_report
-from stats import bootstrap_ci, gmm_em, median_mad, ols_r2, paired_summary, r2, sign_stats, wilson
-from writesae import WriteSAE
+from models import Capture, Edit, load_model
+from writesae import (WriteSAE, atom_write_cosines, frob, frob_cos, install_direction, install_factors,
+                      logit_shift_prediction, shift_predictions, substitution_factors)
+
+F64 = torch.float64
 
 
-# ==== Sampling ====
+# ==== Statistics ====
+
+def wilson(k, n, z=1.96):
+    """Wilson score interval of a proportion k/n (Wilson 1927)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p, z2 = k / n, z * z
+    mid, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return (mid - half, mid + half)
+
+def median_mad(x):
+    """Median and MAD/√n (the paper's Table 2 cells)."""
+    x = torch.as_tensor(x, dtype=F64)
+    m = x.median()
+    return m.item(), ((x - m).abs().median() / math.sqrt(len(x))).item()
+
+def bootstrap_ci(x, stat="mean", n_boot=5000, seed=0, level=0.95):
+    """Percentile bootstrap interval of the mean or median of x."""
+    x = torch.as_tensor(x, dtype=F64)
+    xs = x[torch.randint(len(x), (n_boot, len(x)), generator=torch.Generator().manual_seed(seed))]  # [n_boot,n]
+    s = xs.mean(1) if stat == "mean" else xs.median(1).values
+    lo, hi = torch.quantile(s, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=F64))
+    return (lo.item(), hi.item())
+
+def sign_stats(d, tie=1e-12):
+    """Paired statistics of differences d = KL_delete − KL_atom (> 0 is a win): counts, the sign test, the
+    Wilcoxon signed-rank test (normal approximation, mid-ranks), paired dominance (wins − losses)/n."""
+    d, normal_p = torch.as_tensor(d, dtype=F64), lambda z: math.erfc(abs(z) / math.sqrt(2))  # two-sided
+    wins, losses = int((d > tie).sum()), int((d < -tie).sum())
+    nz = d[d.abs() > tie]
+    a, n = nz.abs(), len(nz)
+    srt = a.sort().values
+    r = (torch.searchsorted(srt, a) + torch.searchsorted(srt, a, right=True) + 1) / 2   # mid-ranks
+    z_w = (r[nz > 0].sum().item() - n * (n + 1) / 4) / math.sqrt(n * (n + 1) * (2 * n + 1) / 24) if n else 0.0
+    z_sign = (abs(wins - losses) - 1) / math.sqrt(n) if n else 0.0
+    return {"n": len(d), "wins": wins, "losses": losses, "ties": len(d) - n, "sign_p": normal_p(z_sign),
+            "wilcoxon_z": z_w, "wilcoxon_p": normal_p(z_w), "paired_dominance": (wins - losses) / max(len(d), 1)}
+
+def r2(y, pred):
+    """1 − SS_res / SS_tot with no fitted parameter."""
+    return (1 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum().clamp_min(1e-30)).item()
+
+def ols_r2(y, x):
+    """R² of y on one OLS slope plus intercept (= squared Pearson correlation)."""
+    c = torch.corrcoef(torch.stack([y, x]).double())[0, 1]
+    return (c * c).item() if torch.isfinite(c) else float("nan")
+
+def gmm_em(x, k, n_init=5, iters=300, seed=0):
+    """1-D Gaussian mixture with k components by EM (our own, no sklearn), n_init random starts run as a batch.
+    Returns (means, vars, weights, log-likelihood, BIC) of the best start, BIC = −2 log L + (3k − 1) ln n (lower is
+    better, sklearn's convention), components sorted by mean."""
+    x = torch.as_tensor(x, dtype=F64)
+    n, g = len(x), torch.Generator().manual_seed(seed)
+    floor = 1e-6 * x.var().item() + 1e-12
+    mu = x[torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(n_init)])]   # [I,k] starts at data points
+    var, pi = torch.full_like(mu, x.var().item() + floor), torch.full_like(mu, 1 / k)
+    for _ in range(iters):
+        logp = -0.5 * ((x[None, :, None] - mu[:, None]) ** 2 / var[:, None] + (2 * math.pi * var[:, None]).log()) \
+            + pi[:, None].log()                                               # [I,n,k]
+        ll = torch.logsumexp(logp, 2).sum(1)                                  # [I]
+        resp = (logp - torch.logsumexp(logp, 2, keepdim=True)).exp()          # E-step
+        nk = resp.sum(1).clamp_min(1e-12)                                     # M-step [I,k]
+        mu, pi = (resp * x[None, :, None]).sum(1) / nk, nk / n
+        var = (resp * (x[None, :, None] - mu[:, None]) ** 2).sum(1) / nk + floor
+    b = int(ll.argmax())
+    o = mu[b].argsort()
+    return mu[b, o].tolist(), var[b, o].tolist(), pi[b, o].tolist(), ll[b].item(), \
+        -2 * ll[b].item() + (3 * k - 1) * math.log(n)
+
+def paired_summary(base, cond, n_boot=5000, seed=0):
+    """Mean change cond − base with bootstrap CI, sign-flip permutation p (10⁴), paired Cohen's d."""
+    base, cond = torch.as_tensor(base, dtype=F64), torch.as_tensor(cond, dtype=F64)
+    d = cond - base
+    flips = torch.randint(0, 2, (10000, len(d)), generator=torch.Generator().manual_seed(seed)).double() * 2 - 1
+    sd = d.std().item() if len(d) > 1 else float("nan")
+    return {"mean_base": base.mean().item(), "mean": cond.mean().item(), "diff": d.mean().item(),
+            "ci": bootstrap_ci(d, "mean", n_boot, seed),
+            "perm_p": ((flips * d).mean(1).abs() >= d.mean().abs() - 1e-12).double().mean().item(),
+            "cohen_d": d.mean().item() / sd if sd and sd > 0 else float("nan")}
+
+
+# ==== The site: model, layer, head, SAE; one unedited scan per held-out block ====
+
+FINAL_NORM = {"qwen35": "model.norm", "mamba2": "backbone.norm_f", "rwkv7": "model.norm"}  # feeds the unembedding
+HEAD_NORM_EPS = {"qwen35": lambda c: c.rms_norm_eps, "rwkv7": lambda c: c.head_dim * c.norm_eps}
+READ_PATH = {
+    "qwen35": "GDN: read o = Sᵀq̃ (q̃ = l2(q)/√K); gain = w ⊙ silu(z)/rms(o) (gated RMSNorm, norm then gate); "
+              "out_proj. Transport α(I − βk̂k̂ᵀ): the delta-rule erase is what the no-fit G = Πα drops; 'exact' "
+              "also uses the gated RMSNorm's full local Jacobian.",
+    "mamba2": "Mamba-2: read y = SᵀC_t + D x_t — the D skip does not see the state, so it cancels in Δℓ; gain = "
+              "w ⊙ silu(z)/rms(y ⊙ silu(z)) (gate, then norm); out_proj. Transport exp(ΔA) is a scalar: G is exact, "
+              "but 'exact' keeps the norm's diagonal gain (its input y + D x needs x, which the writes lack).",
+    "rwkv7": "RWKV-7: read o = Sᵀr_t (no scaling); gain = γ/σ ⊙ g (per-head GroupNorm, then the output gate); o_proj. "
+             "The bonus (r·k̃·r_k)v bypasses state and norm, so it cancels. G = Π diag(w_s) per key channel; the "
+             "exact transport adds the rank-1 erase b(aᵀ·) and needs writes['a'] (absent: 'exact' only at h = 0); "
+             "'exact' also uses the GroupNorm's full local Jacobian (centring and σ).",
+}
+
+@dataclasses.dataclass
+class Site:
+    model: torch.nn.Module
+    tok: object
+    sae: WriteSAE          # a one-head view of the trained SAE
+    layer: int
+    head: int
+    write: str             # additive | increment: the native write the conditions remove
+    dec_k: torch.Tensor    # [n,r,K] decoder atoms (flat: top-r SVD factors)
+    dec_v: torch.Tensor    # [n,r,V]
+    W_O: torch.Tensor      # [D,V] the head's out-projection columns, fp32
+    W_U: torch.Tensor      # [vocab,D] fp32
+
+def make_site(model, tok, sae, sae_index, layer, head, write):
+    """The site of head `head`, whose SAE is index sae_index of the (possibly multi-head) trained SAE."""
+    one = WriteSAE(dataclasses.replace(sae.cfg, n_sae=1), seed=0)
+    one.load_state_dict({n: t[sae_index:sae_index + 1] for n, t in sae.state_dict().items()})
+    one = one.to(next(model.parameters()).device).eval()
+    if one.cfg.variant == "flat":
+        dk, dv = map(torch.stack, zip(*[one.atom(i) for i in range(one.cfg.n_feat)]))
+    else:
+        dk, dv = one.dec_k[0].detach(), one.dec_v[0].detach()
+    return Site(model, tok, one, layer, head, write, dk.float(), dv.float(),
+                model.head_out_proj(layer, head).detach().float(), model.lm_head_weight().detach().float())
+
+@torch.no_grad()
+def scan(site, ids):
+    """One unedited forward of a block ids [T]: the head's writes (time first, head axis removed), ‖S_t‖_F, the
+    read S_tᵀq_t [T,V], the SAE codes [T,n], and the final norm's local Jacobian at every position (diagonal gain
+    fgain [T,D] times the projection I − proj projᵀ, minus the mean for a LayerNorm)."""
+    fn, xs = site.model.get_submodule(FINAL_NORM[site.model.arch]), []
+    hook = fn.register_forward_pre_hook(lambda m, a: xs.append(a[0].float()))
+    try:
+        out = site.model(ids[None], capture=Capture((site.layer,), (site.head,), states=True))
+    finally:
+        hook.remove()
+    w = {n: x[0, :, 0].float() for n, x in out.captures[site.layer].items()}
+    S, x, ln = w.pop("states"), xs[-1][0], isinstance(fn, torch.nn.LayerNorm)  # [T,K,V], [T,D]
+    xc = x - x.mean(-1, keepdim=True) if ln else x
+    var = xc.pow(2).mean(-1, keepdim=True) + fn.eps                           # σ² (LayerNorm) or ms (RMSNorm)
+    weight = fn.weight.float() if ln else fn(torch.ones_like(x[:1])).float() * math.sqrt(1 + fn.eps)
+    # the final norm's Jacobian at x_t is diag(fgain) P with P = I − x̃x̃ᵀ/(D σ²) (− 11ᵀ/D for LayerNorm)
+    return {"w": w, "S_norm": S.flatten(1).norm(dim=-1), "read": torch.einsum("tkv,tk->tv", S, w["query"]),  # [T,V]
+            "codes": torch.cat([site.sae.encode(c[None])[0] for c in S.split(1024)]),                     # [T,n]
+            "fgain": weight * torch.rsqrt(var), "proj": xc * torch.rsqrt(var * x.shape[-1]), "center": ln}
+
+def unembed(site, sc, t, toks):
+    """Rows W_U[tok] carried back through the final norm's exact local Jacobian at t: ⟨row, δr⟩ = Δℓ_tok to
+    first order for a residual change δr [D] (the direct path's last step).  toks [..] -> [..,D]"""
+    u = site.W_U[toks] * sc["fgain"][t]
+    u = u - (u @ sc["proj"][t])[..., None] * sc["proj"][t]
+    return u - u.mean(-1, keepdim=True) if sc["center"] else u
+
+def native(site, sc, t):  # the native write W_nat at t (or a slice of positions) as factors  [r,K], [r,V]
+    kind = "add" if site.write == "additive" else "inc"
+    return sc["w"][f"{kind}_k"][t], sc["w"][f"{kind}_v"][t]
+
+def branches(site, blocks, points, rows_fn, n_after=0, desc=""):
+    """For each (b, t) in points: rows_fn(b, t) -> one edit list per row; yields (b, t, logits [n,1+n_after,vocab]).
+    Each block's prefix runs once (one cache walked along it); each point is one batched forward of token t
+    (+ n_after) from cache.repeat(n), never the whole block again per condition."""
+    by = {}
+    for b, t in points:
+        by.setdefault(b, set()).add(t)
+    bar = tqdm(total=sum(map(len, by.values())), desc=desc, leave=False)
+    for b in sorted(by):
+        cache, pos = None, 0
+        for t in sorted(by[b]):
+            rows = rows_fn(b, t)
+            edits = [dataclasses.replace(e, batch=r) for r, es in enumerate(rows) for e in es]
+            x = blocks[b][t:t + 1 + n_after].expand(len(rows), -1)
+            with torch.no_grad():
+                if t > pos:
+                    cache, pos = site.model(blocks[b][None, pos:t], cache=cache, use_cache=True, logits="none").cache, t
+                logits = site.model(x, cache=None if cache is None else cache.repeat(len(rows)), edits=edits).logits
+            yield b, t, logits
+            bar.update()
+    bar.close()
+
+def edit(site, pos, op, kv=None, **kw):  # an Edit at this site; kv = (k [r,K], v [r,V]) or None for delete
+    k, v = (None, None) if kv is None else kv
+    return Edit(site.layer, site.head, pos, op, k, v, write=site.write if op != "add" else None, **kw)
 
 def sample(items, n, gen):  # n of the items, in their order, drawn with gen
     return [items[j] for j in torch.randperm(len(items), generator=gen)[:n].sort().values]
@@ -61,7 +240,7 @@ def subst_summary(R, mask, args, key="kl"):
     chain = win & ((r - d) > tie(d, r))
     med = {c: median_mad(x) for c, x in (("atom", a), ("delete", d), ("random", r))}
     def by_quartile(x):  # win rate in each quartile of x over these firings, with the quartile edges
-        edges = torch.quantile(x.double(), torch.tensor([.25, .5, .75], dtype=torch.float64))
+        edges = torch.quantile(x.double(), torch.tensor([.25, .5, .75], dtype=F64))
         q = torch.bucketize(x.double(), edges)
         return {"edges": edges.tolist(), "win": [win[q == j].float().mean().item() for j in range(4)]}
     out = {"n": n, "win": win.float().mean().item(), "win_ci": wilson(int(win.sum()), n),
@@ -267,8 +446,8 @@ def prompt_level_lift(o, args):
     for x in o:
         by.setdefault(x[6], []).append(x[4])
     d = torch.tensor([sum(v) / len(v) for v in by.values()], dtype=torch.float64)
-    return {"lift_prompts": len(d), "lift_prompt_mean": d.mean().item(),
-            "lift_prompt_ci": bootstrap_ci(d, "mean", args.boot, args.seed), "lift_wilcoxon_p": sign_stats(d)["wilcoxon_p"]}
+    return {"lift_prompts": len(d), "lift_prompt_mean": d.mean().item(), "lift_wilcoxon_p": sign_stats(d)["wilcoxon_p"],
+            "lift_prompt_ci": bootstrap_ci(d, "mean", args.boot, args.seed)}
 
 def safe_decode(tok, ids):
     try:
@@ -333,6 +512,119 @@ def exp_partition(site, blocks, scans, args):
                     **{f"{n}_median_cos": med[s].median().item() if s.any() else float("nan")
                        for n, s in (("register", reg), ("bundle", ~reg))}, "register_atoms": atoms[reg].tolist()})
     return res
+
+
+# ==== Report ====
+
+DEVIATIONS = [
+    "Firings are sampled per dominant atom (≤ --per-atom each, then ≤ --max-firings), not from a fixed feature pool.",
+    "KL is KL(p_base ‖ p_cond) (the released code's direction) at the edited position t, whose read already sees S'_t "
+    "(in-recurrence edit, PAPER_NOTES §5.4 reading A); the paper's text says KL(p_patched ‖ p_base).",
+    "The random condition is Gaussian rank-r at the atom term's norm (coef) or ‖W_nat‖ (matched), drawn per firing.",
+    "Closed form: ε is in units of the median held-out ‖S_t‖_F (unit-norm factors); t0 is drawn per prompt; the "
+    "eval tokens are each atom's top tokens by |W_U W_O Σ_r dec_v|; every prediction carries W_U[tok] back through "
+    "the final norm's exact local Jacobian (the paper's Eq. 1 has no final norm); 'nofit' is Eq. 1 with G = Π decay "
+    "and the head norm's diagonal gain; 'ols' adds one slope + intercept per (atom, ε) cell; 'exact' uses the exact "
+    "in-layer transport and the head norm's exact local Jacobian, so only later layers are left out; 'exact_ols' adds "
+    "the slope to it. R² is over prompts per (atom, ε) cell; the headline gives the median cell and, at the "
+    "smallest ε, the median over atoms.",
+    "Erasure subtracts a_i(t)·A_i (the atom's contribution), the preferred token is chosen in-sample on those firings.",
+    "Sign test and install: key side = the native key k̂_s, size ‖k_s v_sᵀ‖ (no β), added to the state; the install "
+    "writes at the prompt's last three positions; targets are drawn per rank stratum of the unedited next-token "
+    "distribution.",
+    "Amplification: features ranked by mean activation before (not at) a class token, positive differences only; "
+    "all conditions share one sampling seed; Wilcoxon and sign tests use normal approximations.",
+    "Partition: cosine to the run's native write; atoms with < --min-fire firings count as dead.",
+]
+PAPER = {  # PAPER_NOTES.md §10; "key arch" overrides "key" for that architecture
+    "win": "92.4% [91.6, 93.1] (4,851 firings, Qwen3.5-0.8B L1/L9/L17 H4)",
+    "win mamba2": "88.1% [86.8, 89.3] (2,500 firings, Mamba-2-370M L24 H0)",
+    "win rwkv7": "47.8% (6,591 firings, RWKV-7-1.5B L12 H0, Table 6)", "chain": "89.5% (4,851)",
+    "ratio": "1 : 2.70 : 4.90 (4,851)", "population": "89.8% [88.1, 91.3] (87 atoms, 2,426 firings)",
+    "closed": "0.98; all > 0.95 (50 atoms × 4 ε)", "closed mamba2": "−0.07 (Mamba-2 L24 H0)",
+    "closed sign": "100%, 0 flips (10,000)", "erase": "−0.116 [−0.265, −0.042] (150 firings)",
+    "erase control": "+0.016, p = 0.15 (150)", "sign": "84.6% [83.0, 86.2] (2,000)",
+    "install 100-1000": "33.3% → 100% (300)", "install pooled": "8.3% → 25.0% (1,200)", "install lift": "+1.27 nats "
+    "(1,200)", "amplify 5x": "16.8 → 11.2, p = 0.001 (40 × 400 tokens)", "random 10x": "16.8 → 19.0",
+    "bic": "−296 (316 alive)", "partition": "222 / 94", "register cos": "0.262 (L9 H4)",
+    "register cos mamba2": "0.0575 (Mamba-2)", "register cos rwkv7": "0.180 (RWKV-7)",
+}
+
+def fmt(x, pct=False):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{100 * x:.1f}%" if pct else f"{x:.3g}"
+
+def headline(res, arch):
+    """Rows (quantity, ours, n, 95% CI, the paper's value and n) — the paper's from PAPER_NOTES.md §10."""
+    rows, pct, ci = [], lambda x: fmt(x, True), lambda c, p=True: f"[{fmt(c[0], p)}, {fmt(c[1], p)}]"  # noqa: E731
+    paper = lambda key: PAPER.get(f"{key} {arch}", PAPER.get(key, ""))  # noqa: E731
+    if "subst" in res:
+        rows.append(("head memory: mean decay; median ‖W_nat‖ / ‖S_t‖", f"{res['subst']['mean_decay']:.3g}; "
+                     f"{res['subst']['median_write_share']:.3g}", "", "", ""))
+    for name in ("all", "onset") if "subst" in res else ():
+        if (s := res["subst"][name]).get("n"):
+            rows += [(f"substitution win ({name} firings)", pct(s["win"]), s["n"], ci(s["win_ci"]), paper("win")),
+                     (f"strict chain ({name})", pct(s["chain"]), s["n"], ci(s["chain_ci"]), paper("chain")),
+                     (f"median KL atom : delete : random ({name})", " : ".join(f"{r:.2f}" for r in
+                                                                            s["ratio_of_medians"]), s["n"], "",
+                      paper("ratio")),
+                     (f"win by quartile of cos(atom term, W_nat) ({name})", " / ".join(map(pct, s["by_cos"]["win"])),
+                      s["n"], "", "")]
+            if p := s.get("population"):
+                rows.append((f"population test ({name})", pct(p["mean"]), f"{p['atoms']} atoms", ci(p["ci"]),
+                             paper("population")))
+    if r := res.get("closed"):
+        h = 1 if 1 in r["by_h"] else next(iter(r["by_h"]))
+        c = r["by_h"][h]
+        rows += [(f"closed-form R² ({kind}, h = {h}): median cell; at ε = {r['eps'][0]:g}; cells > 0.95",
+                  f"{fmt(c[kind]['median_cell'])}; {fmt(c[kind]['median_by_eps'][0])}; "
+                  f"{pct(c[kind]['frac_cells_gt_0.95'])}", len(r["atoms"]) * len(r["eps"]), "", paper("closed"))
+                 for kind in ("ols", "nofit", "exact", "exact_ols") if kind in c]
+        rows.append((f"closed-form sign agreement (h = {h})", pct(c["sign_agreement"]), c["n_sign"],
+                     ci(c["sign_agreement_ci"]), paper("closed sign")))
+    if e := res.get("erase"):
+        rows.append(("erasure: median Δ log p of the preferred token", f"{e['median']:+.3g}", e["n"],
+                     ci(e["median_ci"], False), paper("erase")))
+        if c4 := e["control"].get("4x"):
+            rows.append(("non-firing control 4×: median Δ log p", f"{c4['median']:+.3g} (p = {c4['wilcoxon_p']:.2g})",
+                         c4["n"], "", paper("erase control")))
+    if s := res.get("sign"):
+        rows.append(("single-position sign test", pct(s["sign_agreement"]), s["n"], ci(s["ci"]), paper("sign")))
+    for m, cells in res.get("install", {}).get("by_m", {}).items():
+        rows += [(f"install m = {m} ({key}): native → edited", f"{pct(c['native'])} → {pct(c['edited'])}", c["n"],
+                  ci(c["edited_ci"]), paper(f"install {key}") if m == "3" else "")
+                 for key, c in cells.items() if key in ("100-1000", "pooled")]
+        if c := cells.get("pooled"):
+            rows.append((f"install m = {m}: first-step log-p lift: median; mean over prompts (p)",
+                         f"{c['first_step_lift']:+.3g}; {c['lift_prompt_mean']:+.3g} (p = {c['lift_wilcoxon_p']:.2g})",
+                         f"{c['n']} ({c['lift_prompts']} prompts)", ci(c["lift_prompt_ci"], False),
+                         paper("install lift") if m == "3" else ""))
+    if a := res.get("amplify"):
+        rows += [(f"{a['class']} count, {name}", f"{c['mean_base']:.3g} → {c['mean']:.3g} (p = {c['perm_p']:.2g}, "
+                  f"d = {c['cohen_d']:.2f})", a["prompts"], ci(c["ci"], False), PAPER.get(name, ""))
+                 for name, c in a["conditions"].items()]
+    if p := res.get("partition"):
+        if "delta_bic" in p:
+            rows += [("partition ΔBIC (2 vs 1 component)", f"{p['delta_bic']:.3g}", p["alive"], "", paper("bic")),
+                     ("registers / bundles (GMM)", f"{p['registers']} / {p['bundles']}", p["alive"], "",
+                      paper("partition")),
+                     ("register median cosine", fmt(p["register_median_cos"]), p["registers"], "", paper("register cos"))]
+        rows.append((f"atoms with median cos ≥ τ = {p['tau']}", f"{p['above_tau']} / {p['alive']}", p["alive"], "", ""))
+    return rows
+
+def write_report(out, res, meta):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps({"meta": meta, **res}, indent=1, default=float) + "\n")
+    L = [f"# WriteSAE evaluation: {meta['model']} layer {meta['layer']} head {meta['head']}", "",
+         "| quantity | ours | n | 95% CI | paper (n) |", "|---|---|---|---|---|"]
+    L += [f"| {q} | {v} | {n} | {c} | {p} |" for q, v, n, c, p in headline(res, meta["arch"])]
+    L += ["", "## Setup", ""] + [f"- {k}: {v}" for k, v in meta.items()]
+    L += ["", "## Read path and closed form for this architecture", "", READ_PATH[meta["arch"]], "",
+          "## Deviations from the paper's protocol", ""] + [f"- {d}" for d in DEVIATIONS]
+    for name, r in res.items():
+        L += ["", f"## {name}", "", "```json", json.dumps(r, indent=1, default=float), "```"]
+    (out / "report.md").write_text("\n".join(L) + "\n")
 
 
 # ==== Command line ====

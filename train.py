@@ -43,7 +43,6 @@ import torch.distributed as dist
 
 import data
 import writesae
-from ranks import GlobalDeadTracker, average_grads, broadcast_state, reduce_sum
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NOT_BINDING = ("resume", "max_steps", "device", "out", "log_every")  # may change between a run and its --resume
@@ -151,6 +150,43 @@ def replace_dir(dst: Path, write):
         os.replace(dst, old)
     os.replace(tmp, dst)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Several ranks: gradients averaged over the global batch, dead atoms counted over it, rank 0 breaks ties
+
+class GlobalDeadTracker(writesae.DeadTracker):
+    def update(self, codes):  # an atom fired in this step if it fired on any rank
+        fired = (codes > 0).any(1).int()                                                 # [h,n]
+        dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+        self.steps = torch.where(fired.bool(), 0, self.steps + 1)
+
+
+def average_grads(params, weight):
+    """An optimiser pre-step hook: grad ← Σ_ranks (b_rank / batch) grad_rank, as one flat all-reduce."""
+    def hook(opt, *_):
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.flatten() for g in grads]) * weight
+        dist.all_reduce(flat)
+        for p, g in zip(params, flat.split([q.numel() for q in params])):
+            p.grad = g.view_as(p)
+    return hook
+
+
+def broadcast_state(sae, opt):
+    tensors = [*sae.parameters(), *sae.buffers()]
+    tensors += [v for p in sae.parameters() for v in opt.state.get(p, {}).values() if torch.is_tensor(v) and v.dim()]
+    flat = torch.cat([t.detach().flatten() for t in tensors])
+    dist.broadcast(flat, 0)
+    with torch.no_grad():
+        for t, x in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(x.view_as(t))
+
+
+def reduce_sum(x, world):
+    if world > 1:
+        dist.all_reduce(x)
+    return x
 
 
 @torch.no_grad()

@@ -417,3 +417,115 @@ def resample_dead_(sae, opt, S, recon, tracker, step):
                 if moment in opt.state.get(p, {}):
                     opt.state[p][moment][j, dead] = 0.0
         tracker.steps[j, dead] = 0
+
+
+# ==== Experiments: edits and the closed-form logit shift ====
+# eval.py's protocols use these: the substitutes of the three conditions, the transport of a perturbation's key
+# factor, Eq. (1), and the install direction v*_T (App. I.5–I.6).
+
+def frob(k, v):
+    """‖Σ_r k_r v_rᵀ‖_F from the factors k [..,r,K], v [..,r,V] without forming the matrix."""
+    return ((k @ k.transpose(-1, -2)) * (v @ v.transpose(-1, -2))).sum((-1, -2)).clamp_min(0).sqrt()
+
+
+def frob_cos(k1, v1, k2, v2):
+    """Signed Frobenius cosine ⟨A, W⟩_F / ‖A‖‖W‖ between two factored matrices (broadcast over leading dims)."""
+    inner = ((k1 @ k2.transpose(-1, -2)) * (v1 @ v2.transpose(-1, -2))).sum((-1, -2))
+    return inner / (frob(k1, v1) * frob(k2, v2)).clamp_min(1e-30)
+
+
+def substitution_factors(dec_k, dec_v, code, nat_k, nat_v, gen):
+    """The substitutes X of the three conditions at one firing (DESIGN.md §4), as factors (k [r,K], v [r,V]).
+
+    dec_k [n,r,K], dec_v [n,r,V] the decoder atoms; code [n] the TopK code a(t); nat_k, nat_v the native write.
+    delete is None (X = 0). The Gaussian factors are drawn per firing from gen (CPU)."""
+    i = int(code.argmax())
+    dk, dv = dec_k[i], dec_v[i]
+    atom = (code[i] * dk, dv)                                                 # a_{i*} A_{i*}
+    rk = torch.randn(dk.shape, generator=gen).to(dk)
+    rv = torch.randn(dv.shape, generator=gen).to(dv)
+    n_atom, n_nat, n_rand, n_unit = frob(*atom), frob(nat_k, nat_v), frob(rk, rv), frob(dk, dv)
+    return {"atom": atom, "delete": None, "random": (rk * n_atom / n_rand, rv),
+            "atom_matched": (dk * n_nat / n_unit, dv), "random_matched": (rk * n_nat / n_rand, rv)}
+
+
+def transport_key(arch, key, w):
+    """One step of the exact in-layer transport of a perturbation's key factor: δS_s = M_s δS_{s−1} acts on the
+    key side only (the inputs at s do not depend on this layer's state), so key ← M_s key, value unchanged.
+
+    key [..,r,K]; w the writes at s (head axis removed, no time axis). GDN: M = α (I − β k̂ k̂ᵀ) (the delta-rule
+    erase); Mamba-2: M = exp(Δ A) (a scalar decay, exact); RWKV-7: M = diag(w) + b aᵀ (the rank-1 erase; needs
+    writes["a"], and b is the increment's second key factor). None when the writes lack what M needs."""
+    d = w["decay"][..., None, :]                                              # [..,1,Kd]
+    if arch == "qwen35":
+        k = w["add_k"][..., :1, :]                                            # [..,1,K] unit key
+        return d * (key - w["beta"][..., None, None] * (key * k).sum(-1, keepdim=True) * k)
+    if arch == "rwkv7":
+        if "a" not in w:
+            return None
+        return d * key + (key * w["a"][..., None, :]).sum(-1, keepdim=True) * w["inc_k"][..., 1:2, :]
+    return d * key
+
+
+def norm_jacobian(arch, o, v, eps):
+    """The head norm's exact local Jacobian at the read o [..,V], divided by its diagonal gain, applied to value
+    factors v [..,r,V]: GDN (RMSNorm, eps): v − ô⟨ô, v⟩ with ô = o / √(V (mean o² + eps)); RWKV-7 (GroupNorm):
+    the same on the centred o and v; Mamba-2: v unchanged (its norm sees y ⊙ silu(z) with y = SᵀC + D x, and x is
+    not in the writes, so the diagonal gain is all we have)."""
+    if arch == "mamba2":
+        return v
+    if arch == "rwkv7":
+        o, v = o - o.mean(-1, keepdim=True), v - v.mean(-1, keepdim=True)
+    o = (o * torch.rsqrt(o.shape[-1] * (o.pow(2).mean(-1, keepdim=True) + eps)))[..., None, :]  # [..,1,V]
+    return v - (v * o).sum(-1, keepdim=True) * o
+
+
+def logit_shift_prediction(eps, key, q, gain, dec_v, W_O, W_U_tok):
+    """Eq. (1) in our orientation: Δℓ_tok ≈ ε Σ_r ⟨key_r, q̃_t⟩ ⟨W_O[h](g_t ⊙ dec_v_r), W_U[tok]⟩.
+
+    key [..,r,K] the key factor carried to t (G·dec_k, or the exact transport); q [..,K]; gain [..,V];
+    dec_v [..,r,V]; W_O [D,V]; W_U_tok [..,n_tok,D] (rows already scaled by the final norm's local gain)."""
+    read = (key * q[..., None, :]).sum(-1)                                    # [..,r]
+    resid = (gain[..., None, :] * dec_v) @ W_O.T                              # [..,r,D]
+    return eps * torch.einsum("...r,...rd,...nd->...n", read, resid, W_U_tok)  # [..,n_tok]
+
+
+def install_direction(W_O, W_U_T):
+    """v*_T = W_O[h]ᵀ W_U[T] / ‖·‖: the unit value-side direction whose write most raises token T's logit."""
+    v = W_U_T @ W_O                                                           # [..,V]
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+
+
+def shift_predictions(arch, dk, dv, w, t0, hs, unembed, read, W_O, eps):
+    """Eq. (1) per unit ε at t0 + h (h in hs) for dk ⊗ dv [A,r,K], [A,r,V] added to S_{t0}: 'nofit' carries the key
+    by G = Π decay (no erase term) through the head norm's diagonal gain; 'exact' by transport_key and the head
+    norm's exact local Jacobian (NaN where the writes lack what the transport needs). w the writes [T,..];
+    unembed(s) -> W_U rows through the final norm at s [A,n_tok,D]; read [T,V] the unedited reads.  -> 2 × [A,Hn,n_tok]"""
+    key_g, key_x, P, X = dk.clone(), dk.clone(), [], []
+    for s in range(t0, t0 + max(hs) + 1):
+        if s > t0:
+            w_s = {n: x[s] for n, x in w.items()}
+            key_g = w_s["decay"][None, None] * key_g
+            key_x = None if key_x is None else transport_key(arch, key_x, w_s)
+        if s - t0 in hs:
+            U = unembed(s)
+            P.append(logit_shift_prediction(1.0, key_g, w["query"][s], w["gain"][s], dv, W_O, U))
+            X.append(torch.full_like(P[-1], float("nan")) if key_x is None else logit_shift_prediction(
+                1.0, key_x, w["query"][s], w["gain"][s], norm_jacobian(arch, read[s], dv, eps), W_O, U))
+    return torch.stack(P, 1), torch.stack(X, 1)
+
+
+def install_factors(w, s, v, m=1.0):
+    """m·‖k_s v_sᵀ‖·k̂_s ⊗ v (App. I.6): the native key direction at s, sized like its write without β.
+    w the writes [T,..]; v [n,V] unit value directions.  -> ([1,K], [n,V])"""
+    k = w["add_k"][s, :1]                                                     # [1,K]
+    size = frob(k, w["add_v"][s, :1]) / (w["beta"][s] if "beta" in w else 1.0)
+    return m * size * (k / k.norm().clamp_min(1e-30)), v
+
+
+def atom_write_cosines(dec_k, dec_v, codes, nat_k, nat_v, chunk=8192):
+    """Signed Frobenius cosine of each firing atom with the native write at its position.
+    codes [T,n]; nat_k [T,r',K], nat_v [T,r',V].  -> cos, atom id [firings]"""
+    pos, atom = (codes > 0).nonzero(as_tuple=True)
+    cos = [frob_cos(dec_k[a], dec_v[a], nat_k[p], nat_v[p]) for p, a in zip(pos.split(chunk), atom.split(chunk))]
+    return (torch.cat(cos) if cos else codes.new_zeros(0)), atom

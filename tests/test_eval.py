@@ -8,10 +8,7 @@ import json
 import pytest
 import torch
 
-import edits
 import eval as ev
-import report
-import stats
 import writesae
 from models import demo, load_model
 
@@ -77,7 +74,7 @@ def site_of(model, tok, n_sae=2, seed=0):
     K, V = model.state_shape
     cfg = writesae.SAEConfig(d_k=K, d_v=V, n_feat=32, k=4, rank=2 if model.arch == "rwkv7" else 1, n_sae=n_sae)
     layer = model.write_layers[-1]
-    return edits.make_site(model, tok, writesae.WriteSAE(cfg, seed=seed), n_sae - 1, layer, n_sae - 1,
+    return ev.make_site(model, tok, writesae.WriteSAE(cfg, seed=seed), n_sae - 1, layer, n_sae - 1,
                         model.default_write)
 
 
@@ -92,36 +89,36 @@ def tiny(request, tmp_path_factory, text):
 def test_wilson_matches_known_values():
     for (k, n), (lo, hi) in {(5, 10): (0.2366, 0.7634), (0, 10): (0.0, 0.2775), (4481, 4851): (0.9160, 0.9309),
                              (1, 1): (0.2065, 1.0)}.items():
-        got = stats.wilson(k, n)
+        got = ev.wilson(k, n)
         assert abs(got[0] - lo) < 1e-4 and abs(got[1] - hi) < 1e-4, (k, n, got)
 
 
 def test_em_recovers_two_clusters_and_prefers_one_on_one():
     g = torch.Generator().manual_seed(0)
     x = torch.cat([0.01 * torch.randn(200, generator=g), 0.3 + 0.02 * torch.randn(100, generator=g)])
-    mu, var, pi, _, bic2 = stats.gmm_em(x, 2)
+    mu, var, pi, _, bic2 = ev.gmm_em(x, 2)
     assert abs(mu[0]) < 0.005 and abs(mu[1] - 0.3) < 0.01 and abs(pi[0] - 2 / 3) < 0.01
-    assert abs(var[0] ** 0.5 - 0.01) < 0.003 and bic2 < stats.gmm_em(x, 1)[4] - 100
+    assert abs(var[0] ** 0.5 - 0.01) < 0.003 and bic2 < ev.gmm_em(x, 1)[4] - 100
     one = 0.02 * torch.randn(300, generator=g)
-    assert stats.gmm_em(one, 2)[4] > stats.gmm_em(one, 1)[4]
+    assert ev.gmm_em(one, 2)[4] > ev.gmm_em(one, 1)[4]
 
 
 def test_sign_stats():
-    s = stats.sign_stats(torch.tensor([1.0, 2, 3, -0.5, 0]))
+    s = ev.sign_stats(torch.tensor([1.0, 2, 3, -0.5, 0]))
     assert (s["wins"], s["losses"], s["ties"]) == (3, 1, 1) and s["paired_dominance"] == pytest.approx(0.4)
-    assert stats.sign_stats(torch.arange(1.0, 41))["wilcoxon_p"] < 1e-6
+    assert ev.sign_stats(torch.arange(1.0, 41))["wilcoxon_p"] < 1e-6
 
 
 # ---- substitution identities --------------------------------------------------------------------------------
 
 def test_native_atom_gives_zero_kl_and_a_null_atom_cannot_win(tiny):
     site, ids = tiny
-    scans = [edits.scan(site, b) for b in ids[:2]]
+    scans = [ev.scan(site, b) for b in ids[:2]]
     n = site.dec_k.shape[0]
     kls = {}
     for name in ("native", "null"):
-        for b, t in [(0, 0)] + [(b, int(edits.frob(*edits.native(site, scans[b], slice(None))).argmax())) for b in (0, 1)]:
-            nk, nv = edits.native(site, scans[b], t)
+        for b, t in [(0, 0)] + [(b, int(writesae.frob(*ev.native(site, scans[b], slice(None))).argmax())) for b in (0, 1)]:
+            nk, nv = ev.native(site, scans[b], t)
             if name == "null":
                 nk = torch.zeros_like(nk)
             one = dataclasses.replace(site, dec_k=nk.expand(n, -1, -1), dec_v=nv.expand(n, -1, -1))
@@ -167,7 +164,7 @@ def test_install_lift_is_tested_across_prompts():
 
 def test_install_with_m_zero_leaves_generation_unchanged(tiny):
     site, ids = tiny
-    sc = edits.scan(site, ids[0])
+    sc = ev.scan(site, ids[0])
     x = ids[:1, :12]
     base = site.model.generate(x, 6)
     assert torch.equal(site.model.generate(x, 6, edits=ev.install_edits(site, sc, 12, 7, 0.0)), base)
@@ -184,7 +181,7 @@ def test_every_experiment_end_to_end(tiny, tmp_path):
     assert res["sign"]["n"] == 24 and res["partition"]["alive"] > 0
     same = lambda r: json.dumps(r, sort_keys=True, default=float)  # noqa: E731  (NaN-safe equality)
     assert same(res) == same(ev.evaluate(site, ids, args))  # deterministic for a seed
-    report.write_report(tmp_path, res, {"model": "tiny", "arch": site.model.arch, "layer": site.layer,
+    ev.write_report(tmp_path, res, {"model": "tiny", "arch": site.model.arch, "layer": site.layer,
                                     "head": site.head})
     md = (tmp_path / "report.md").read_text()
     assert "| substitution win (all firings) |" in md and "| closed-form R² (ols" in md
