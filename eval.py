@@ -577,7 +577,7 @@ def headline(res, arch):
     if r := res.get("closed"):
         h = 1 if 1 in r["by_h"] else next(iter(r["by_h"]))
         c = r["by_h"][h]
-        rows += [(f"closed-form R² ({kind}, h = {h}): median cell; at ε = {r['eps'][0]:g}; cells > 0.95",
+        rows += [(f"closed-form R² ({kind}, h = {h}): median cell; at ε = {r['eps'][0]:g}‖S‖; cells > 0.95",
                   f"{fmt(c[kind]['median_cell'])}; {fmt(c[kind]['median_by_eps'][0])}; "
                   f"{pct(c[kind]['frac_cells_gt_0.95'])}", len(r["atoms"]) * len(r["eps"]), "", paper("closed"))
                  for kind in ("ols", "nofit", "exact", "exact_ols") if kind in c]
