@@ -15,7 +15,7 @@ Glossary (paper ↔ code ↔ config.json: raw mamba_ssm `ssm_cfg` key | HF-conve
               (the gated norm's local diagonal gain from y_t to the out-projection input)
   Q           chunk length of `chunked`;  γ_i = a_1 + … + a_i inside a chunk
 
-Cache.layers[i] = {"conv": [B,conv_dim,d_conv−1] the last conv inputs, "ssm": S [B,H,N,P]}.
+Cache.layers[i] = {"conv": [B,d_conv−1,conv_dim] the last conv inputs, "ssm": S [B,H,N,P]}.
 Reference: mamba_ssm 2.3 modules/mamba2.py (non-fused path) ≡ transformers 5.24 Mamba2Mixer.torch path
 (equations in docs/MODELS.md §2.3); chunked scan after mamba_ssm modules/ssd_minimal.py.
 """
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import hub
-from .common import Cache, Output, WriteModel, scan_with_edits
+from .common import Cache, Output, WriteModel, causal_conv, decay_exp, scan_with_edits
 
 DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"  # raw mamba_ssm repos ship none; the models were trained with it
 SCAN_CHUNK = 64  # our chunk length; results do not depend on it (the checkpoint's chunk_size tunes mamba_ssm's kernel)
@@ -165,12 +165,10 @@ def recurrent(inputs: dict, state=None, keep_states=False, *, A, D):
 
 
 def segsum(a):
-    """a [..., Q] -> [..., Q, Q]: entry (i, j) = a_{j+1} + … + a_i for j ≤ i, −inf above the diagonal.
-    Sums masked copies rather than differencing two cumsums, which loses precision (ssd_minimal.segsum)."""
+    """a [..., Q] -> [..., Q, Q]: entry (i, j) = a_{j+1} + … + a_i for j ≤ i, 0 above the diagonal (the caller
+    masks it). Sums masked copies rather than differencing two cumsums, which loses precision (ssd_minimal.segsum)."""
     Q = a.shape[-1]
-    x = a[..., None].expand(*a.shape, Q).tril(-1)                            # [...,Q,Q] x[i,j] = a_i for i > j
-    above = torch.ones(Q, Q, dtype=torch.bool, device=a.device).triu(1)
-    return x.cumsum(-2).masked_fill(above, -math.inf)
+    return a[..., None].expand(*a.shape, Q).tril(-1).cumsum(-2)              # x[i,j] = a_i for i > j, summed over i
 
 
 def chunked(inputs: dict, state=None, chunk_size=SCAN_CHUNK, *, A, D):
@@ -191,11 +189,11 @@ def chunked(inputs: dict, state=None, chunk_size=SCAN_CHUNK, *, A, D):
         ac = a[:, s:e].transpose(1, 2).unflatten(1, (G, h))                   # [B,G,h,Q]
         vc = v[:, s:e].unflatten(2, (G, h))                                   # [B,Q,G,h,P]
         Bc, Cc = Bg[:, s:e].transpose(1, 2), Cg[:, s:e].transpose(1, 2)       # [B,G,Q,N]
-        L = torch.exp(segsum(ac))                                             # [B,G,h,Q,Q] exp(a_{j+1}+…+a_i)
+        L = decay_exp(segsum(ac)).tril()                                      # [B,G,h,Q,Q] exp(a_{j+1}+…+a_i)
         # 1. inside the chunk, the loop's y_i gets Σ_{j≤i} exp(a_{j+1} + … + a_i) (C_i·B_j) Δ_j x_j
         y = ((Cc @ Bc.transpose(-1, -2)).unsqueeze(2) * L) @ vc.permute(0, 2, 3, 1, 4)   # [B,G,h,Q,P]
         # 2. ... plus the read of the state carried in, decayed to i: exp(γ_i) C_iᵀ S_{s−1}
-        decay_in = ac.cumsum(-1).exp().transpose(-1, -2)[..., None]           # [B,G,Q,h,1] exp(γ_i)
+        decay_in = decay_exp(ac.cumsum(-1)).transpose(-1, -2)[..., None]      # [B,G,Q,h,1] exp(γ_i)
         y = y.permute(0, 3, 1, 2, 4) + ((Cc @ S).unflatten(-1, (h, P)) * decay_in).transpose(1, 2)  # [B,Q,G,h,P]
         # 3. the chunk's own writes, decayed to its end: Σ_j exp(a_{j+1} + … + a_Q) B_j (Δ_j x_j)ᵀ (L's last row)
         vend = vc * L[..., -1, :].permute(0, 3, 1, 2)[..., None]               # [B,Q,G,h,P]
@@ -258,16 +256,13 @@ class Mamba2Mixer(nn.Module):
             self.A_log.copy_(torch.empty(H).uniform_(1, 16).log())
 
     def forward(self, u, past: dict, t0: int, edits, impl: str, want_writes: bool):
-        cfg, Bn = self.cfg, u.shape[0]
-        H, G, N, K1 = cfg.n_heads, cfg.ngroups, cfg.d_state, cfg.d_conv - 1
+        cfg = self.cfg
+        H, G, N = cfg.n_heads, cfg.ngroups, cfg.d_state
         zxbcdt = self.in_proj(u.to(self.in_proj.weight.dtype)).float()         # [B,T,2·d_inner+2GN+H]
         z, xBC, dt = zxbcdt.split([cfg.d_inner, cfg.conv_dim, H], dim=-1)
-        # causal depthwise conv over [the previous d_conv−1 inputs (zeros at the start) | this forward's]
-        prev = past.get("conv", xBC.new_zeros(Bn, cfg.conv_dim, K1))
-        xBC = torch.cat([prev, xBC.transpose(1, 2)], dim=-1)                  # [B,conv_dim,K1+T]
-        conv_state = xBC[:, :, xBC.shape[-1] - K1:].clone()                   # [B,conv_dim,K1] for the next call
         bias = None if self.conv1d.bias is None else self.conv1d.bias.float()
-        xBC = F.silu(F.conv1d(xBC, self.conv1d.weight.float(), bias, groups=cfg.conv_dim)).transpose(1, 2)
+        xBC, conv_state = causal_conv(xBC, self.conv1d.weight.float(), bias, past.get("conv"))  # [B,T,conv_dim]
+        xBC = F.silu(xBC)
         x, Bm, Cm = xBC.split([cfg.d_inner, G * N, G * N], dim=-1)            # [B,T,d_inner], [B,T,GN] ×2
         inputs = {"x": x.unflatten(-1, (H, cfg.headdim)),                     # [B,T,H,P]
                   "dt": F.softplus(dt + self.dt_bias.float()).clamp(*cfg.dt_limit),   # [B,T,H]

@@ -15,7 +15,7 @@ Glossary (paper ↔ code ↔ config.json `text_config`)
                  decay α [B,T,H,1], query q̃, gain = w ⊙ silu(z) / rms(o) (the gated norm's local diagonal
                  gain, so that the out-projection input is gain ⊙ o), extra beta [B,T,H]
 
-Cache.layers[i]: GDN {"conv": [B,conv_dim,W−1] last conv inputs, "state": S}; attention {"k","v": [B,Hkv,P,hd]}.
+Cache.layers[i]: GDN {"conv": [B,W−1,conv_dim] last conv inputs, "state": S}; attention {"k","v": [B,Hkv,P,hd]}.
 Reference: transformers 5.24 models/qwen3_5/modeling_qwen3_5.py (equations in docs/MODELS.md §1.5).
 """
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import hub
-from .common import Cache, Output, WriteModel, scan_with_edits
+from .common import Cache, Output, WriteModel, causal_conv, decay_exp, scan_with_edits
 
 
 @dataclass
@@ -124,44 +124,42 @@ def chunked(inputs: dict, state=None, chunk_size=64):
         return x.view(B, N, C, H, -1).permute(0, 3, 1, 2, 4).clone(memory_format=torch.contiguous_format)  # a copy
 
     qc, kc, vc = blocks(q), blocks(k), blocks(v)                              # [B,H,N,C,K|V]
-    gc, bc = blocks(g)[..., 0], blocks(beta)                                  # [B,H,N,C], [B,H,N,C,1]
+    gc, bc = blocks(g)[..., 0], blocks(beta)[..., 0]                          # [B,H,N,C] each
     # 1. γ_i = Σ_{s≤i} g_s: log of the loop's product of α from the chunk start through token i
     gam = gc.cumsum(-1)                                                       # [B,H,N,C]
-    e_gam = gam.exp()[..., None]                                              # [B,H,N,C,1]
+    e_gam = decay_exp(gam)                                                    # [B,H,N,C]
     # 2. Γ_ij = exp(γ_i − γ_j) for j ≤ i: the decay a write at j has suffered when read at i
-    causal = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
-    Gam = (gam[..., :, None] - gam[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # [B,H,N,C,C]
-    # 3. UT transform: with A = I + strict_lower(β K Kᵀ ⊙ Γ), U = A⁻¹ β V and W = A⁻¹ β K e^γ, so that the
-    #    loop's δ_t = U_t − W_t S_chunk_start (every erase inside the chunk folded into A). Solving for A⁻¹
-    #    (C right-hand sides) and multiplying is several times faster than solving for the K + V columns.
-    kb = kc * bc                                                              # [B,H,N,C,K]
-    A = (kb @ kc.transpose(-1, -2)) * Gam                                     # diagonal ignored (unitriangular)
+    Gam = decay_exp(gam[..., :, None] - gam[..., None, :]).tril()            # [B,H,N,C,C]
+    # 3. UT transform: with A = I + strict_lower(β_i k_i·k_j Γ_ij), U = A⁻¹ β V and W = A⁻¹ β e^γ K, so that
+    #    the loop's δ_t = U_t − W_t S_chunk_start (every erase inside the chunk folded into A). Solving for A⁻¹
+    #    (C right-hand sides) and multiplying is several times faster than solving for the K + V columns, and
+    #    β and e^γ scale A's rows and A⁻¹'s columns (C × C) rather than K and V (C × K each).
+    A = (kc @ kc.transpose(-1, -2)) * (Gam * bc[..., :, None])               # diagonal ignored (unitriangular)
     eye = torch.eye(C, dtype=A.dtype, device=A.device).expand_as(A)
     A_inv = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)  # [B,H,N,C,C]
     del A
-    U = A_inv @ vc.mul_(bc)                                                   # [B,H,N,C,V]  (vc is our own copy)
-    del vc
-    W = A_inv @ (kb * e_gam)                                                  # [B,H,N,C,K]
-    del A_inv, kb
-    # 4. decays applied once, outside the chunk loop: q̃ e^γ reads the chunk-start state, (Q Kᵀ ⊙ Γ) this
-    #    chunk's writes, k e^{γ_C − γ} carries each write to the chunk end
-    q_start = qc * e_gam                                                      # [B,H,N,C,K]
+    U = (A_inv * bc[..., None, :]) @ vc                                       # [B,H,N,C,V]  A⁻¹ diag(β) V
+    W = (A_inv * (bc * e_gam)[..., None, :]) @ kc                             # [B,H,N,C,K]  A⁻¹ diag(β e^γ) K
+    del A_inv, vc
+    # 4. decays applied once, outside the chunk loop: (Q Kᵀ ⊙ Γ) reads this chunk's writes, k e^{γ_C − γ}
+    #    carries each write to the chunk end; e^γ scales the chunk-start read inside the loop
     intra = (qc @ kc.transpose(-1, -2)) * Gam                                 # [B,H,N,C,C]
-    k_end = kc * (gam[..., -1:] - gam).exp()[..., None]                       # [B,H,N,C,K]
-    a_end = gam[..., -1].exp()[..., None, None]                               # [B,H,N,1,1]
-    del qc, kc, Gam
+    k_end = kc * decay_exp(gam[..., -1:] - gam)[..., None]                    # [B,H,N,C,K]
+    a_end = e_gam[..., -1, None, None]                                        # [B,H,N,1,1]
+    del Gam, kc
     # 5. the only sequential part, over chunks: δ = U − W S (exactly the loop's δ_t, the increment's value
-    #    factor), the read o_i = S_iᵀ q̃_i, then S ← α_{chunk} S + Σ_t (decayed k_t) δ_tᵀ
+    #    factor), the read o_i = e^γ_i S_startᵀ q̃_i + Σ_{j≤i} (q̃_i·k_j Γ_ij) δ_j, then S ← α_chunk S + Σ_t k_end,t δ_tᵀ
     S = state.float() if state is not None else k.new_zeros(B, H, K, V)
-    out, delta = k.new_empty(B, N * C, H, V), k.new_empty(B, N * C, H, V)    # written in the caller's layout
+    out = k.new_empty(B, N * C, H, V)                                         # the caller's layout
+    delta = k.new_empty(B, H, N * C, V)                                       # returned as a [B,T,H,V] view
     for n in range(N):
         d = U[:, :, n] - W[:, :, n] @ S                                       # [B,H,C,V]
-        out[:, n * C:(n + 1) * C] = (q_start[:, :, n] @ S + intra[:, :, n] @ d).transpose(1, 2)
+        o = (qc[:, :, n] @ S) * e_gam[:, :, n, :, None] + intra[:, :, n] @ d
+        out[:, n * C:(n + 1) * C], delta[:, :, n * C:(n + 1) * C] = o.transpose(1, 2), d
         S = a_end[:, :, n] * S + k_end[:, :, n].transpose(-1, -2) @ d
-        delta[:, n * C:(n + 1) * C] = d.transpose(1, 2)
-    del U, W, q_start, intra, k_end
+    del U, W, qc, intra, k_end
     writes = {"add_k": k[:, :, :, None], "add_v": (beta[..., None] * v)[:, :, :, None],
-              "inc_k": k[:, :, :, None], "inc_v": delta[:, :T, :, None],
+              "inc_k": k[:, :, :, None], "inc_v": delta.transpose(1, 2)[:, :T, :, None],
               "decay": g.exp()[..., None], "query": q, "beta": beta}
     return out[:, :T], S, writes
 
@@ -222,18 +220,12 @@ class GatedDeltaNet(nn.Module):
         """x [B,T,D] -> the scan's inputs dict (fp32) and the new conv state."""
         B, T, _ = x.shape
         Hk, H, K, V = self.Hk, self.H, self.K, self.V
-        qkv = self.in_proj_qkv(x).transpose(1, 2)                             # [B,conv_dim,T]
-        W = self.conv1d.kernel_size[0]
-        prev = past["conv"] if "conv" in past else qkv.new_zeros(B, self.conv_dim, W - 1)
-        xc = torch.cat([prev.to(qkv), qkv], -1)                               # [B,conv_dim,W−1+T] causal window
-        del qkv  # the layer's largest activations: free each as soon as the next exists (peak memory)
-        conv = xc[..., -(W - 1):].clone()                                     # the decode cache's conv state
-        c = F.conv1d(xc, self.conv1d.weight, groups=self.conv_dim)
-        del xc
-        c = F.silu(c).transpose(1, 2).float()                                 # [B,T,conv_dim]
+        c, conv = causal_conv(self.in_proj_qkv(x), self.conv1d.weight, prev=past.get("conv"))  # [B,T,conv_dim]
+        c = F.silu(c).float()
         q, k, v = c.split([Hk * K, Hk * K, H * V], -1)
-        q = l2norm(q.reshape(B, T, Hk, K)).repeat_interleave(H // Hk, 2) * K ** -0.5  # [B,T,H,K]  v-head h
-        k = l2norm(k.reshape(B, T, Hk, K)).repeat_interleave(H // Hk, 2)              # [B,T,H,K]  ← k-head h//(H/Hk)
+        q, k = l2norm(q.reshape(B, T, Hk, K)) * K ** -0.5, l2norm(k.reshape(B, T, Hk, K))  # [B,T,Hk,K]
+        if H != Hk:  # value head h reads and writes with key head h // (H/Hk)
+            q, k = q.repeat_interleave(H // Hk, 2), k.repeat_interleave(H // Hk, 2)        # [B,T,H,K]
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())  # [B,T,H]
         beta = torch.sigmoid(self.in_proj_b(x).float())                      # [B,T,H]
         return {"q": q, "k": k, "v": v.reshape(B, T, H, V), "g": g, "beta": beta}, conv

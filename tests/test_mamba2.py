@@ -104,7 +104,7 @@ def test_final_states_match_transformers_cache(models, G):
         S_ref = ref.get_recurrent_state(i).transpose(-1, -2)       # transformers [B,H,P,N] -> ours [B,H,N,P]
         assert_close(f"ssm state {i}", S_ref, out.cache.layers[i]["ssm"])
         assert_close(f"captured S_T {i}", S_ref, out.captures[i]["states"][:, -1])
-        assert_close(f"conv state {i}", ref.get_conv_state(i)[..., 1:], out.cache.layers[i]["conv"])
+        assert_close(f"conv state {i}", ref.get_conv_state(i)[..., 1:].transpose(1, 2), out.cache.layers[i]["conv"])
 
 
 def test_fp16_raw_checkpoint(models, tmp_path):

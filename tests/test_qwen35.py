@@ -184,7 +184,8 @@ def test_replace_by_itself_changes_nothing(pair):
     w = base.captures[layer]
     for write, kind in (("additive", "add"), ("increment", "inc")):
         edits = [Edit(layer, 1, 17, "replace", w[f"{kind}_k"][0, 17, 1], w[f"{kind}_v"][0, 17, 1], write=write, batch=0)]
-        assert_close(f"logits ({write})", base.logits, ours(ids, edits=edits).logits, 1e-6)
+        # fp32 rounding only: the edited run splits the chunked scan at the edit (measured ~1e-6)
+        assert_close(f"logits ({write})", base.logits, ours(ids, edits=edits).logits, 1e-5)
     other = [Edit(layer, 1, 17, "replace", w["add_k"][1, 17, 1], w["add_v"][1, 17, 1], batch=0)]  # row 1's write
     assert (ours(ids, edits=other).logits - base.logits)[0, 17:].abs().max() > 1e-4
 
