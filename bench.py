@@ -5,12 +5,11 @@
   python bench.py --device cuda
 
 Timing: both sides warmed up, then >= 5 interleaved repetitions, median reported (the machines are noisy;
-only ratios measured in one run are comparable). Peak memory: on CUDA, max_memory_allocated; on a CPU, the
-rise of the peak resident set over the set-up, measured in a forked child per side.
+only ratios measured in one run are comparable). Peak memory: the tensor memory a call allocates at its peak, as
+torch's allocator counts it (max_memory_allocated on CUDA, the profiler's allocation events on a CPU).
 """
 
 import argparse
-import ctypes
 import os
 import statistics
 import time
@@ -49,41 +48,25 @@ def time_interleaved(fns: dict, device="cpu", reps=5, warmup=1) -> dict:
 
 
 def peak_memory(setup, run, device="cpu") -> float:
-    """Extra peak memory (MB) of run(setup()) above what setup() left allocated."""
+    """Peak tensor memory (MB) that run(setup()) allocates above what setup() left allocated, as torch's allocator
+    counts it: max_memory_allocated on CUDA, the profiler's allocation events on a CPU. (A CPU's resident set is no
+    measure here: it moved by 2x with what earlier benchmarks in the same process had left in the heap.)"""
+    state = setup()
     if str(device).startswith("cuda"):
-        state = setup()
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         run(state)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: measure, report, exit without running the parent's atexit hooks
-        os.close(r)
-        torch.set_num_threads(1)                # the parent's OpenMP pool does not survive fork: it would hang
-        libc = ctypes.CDLL(None)                # the resident set must measure live memory, not the heap's habits:
-        libc.mallopt(-3, 1 << 16)               # M_MMAP_THRESHOLD: freed blocks >= 64 kB go back to the OS, and
-        libc.malloc_trim(0)                     # the free heap inherited from earlier benchmarks is released
-        state = setup()
-        libc.malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")                        # reset the peak mark: set-up's own transient peak is not run's
-        base = _status_kb("VmRSS")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         run(state)
-        os.write(w, str((_status_kb("VmHWM") - base) / 1024).encode())
-        os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as f:
-        out = f.read()
-    os.waitpid(pid, 0)
-    return float(out)
-
-
-def _status_kb(field) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:  # + allocation, − free, in time order
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def report(title, rows):
@@ -95,8 +78,8 @@ def report(title, rows):
 
 def whole_forward(ours, theirs, ids, device, reps, goal, label,
                   load=lambda a, b: b.load_state_dict(a.state_dict())):
-    """Our model vs transformers' on the same ids: peak memory (first, each side built in its own forked child,
-    before any forward of this process), then time with our model carrying transformers' weights."""
+    """Our model vs transformers' on the same ids: peak memory (each side built alone), then time with our model
+    carrying transformers' weights."""
     def forward(m):
         with torch.no_grad():
             return m(ids).logits
@@ -106,6 +89,7 @@ def whole_forward(ours, theirs, ids, device, reps, goal, label,
     load(a, b)
     ref, got = forward(a), forward(b)
     err = ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+    out_mb = ref.numel() * ref.element_size() / 2**20
     W_U = b.lm_head_weight().detach()
     x = torch.randn(ids.shape[1], W_U.shape[1], device=device)
     t = time_interleaved({"ours": lambda: forward(b), "transformers": lambda: forward(a), "head": lambda: x @ W_U.T},
@@ -117,7 +101,10 @@ def whole_forward(ours, theirs, ids, device, reps, goal, label,
             (f"the same without the output head's matmul ({t['head'] * 1e3:.0f} ms, identical on both sides)",
              f"{rest['ours'] / rest['transformers']:.2f}x"),
             (f"whole forward: peak memory ours / transformers (goal <= {goal}x)",
-             f"{mem['ours'] / mem['transformers']:.2f}x ({mem['ours']:.0f} MB / {mem['transformers']:.0f} MB)")]
+             f"{mem['ours'] / mem['transformers']:.2f}x ({mem['ours']:.0f} MB / {mem['transformers']:.0f} MB)"),
+            (f"the same above the logits ({out_mb:.0f} MB, the output both sides return)",
+             f"{(mem['ours'] - out_mb) / (mem['transformers'] - out_mb):.2f}x "
+             f"({mem['ours'] - out_mb:.1f} MB / {mem['transformers'] - out_mb:.1f} MB)")]
 
 
 # ======================================================================================================
@@ -138,7 +125,6 @@ def bench_gdn(device="cpu", reps=5):
     from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
     from models import qwen35
 
-    # memory first: the fork()ed children must not inherit a heap that earlier runs in this process left behind
     gen = torch.Generator().manual_seed(0)
     cfg = Qwen3_5TextConfig(vocab_size=32768, hidden_size=1024, intermediate_size=3584, num_hidden_layers=4,
                             layer_types=["linear_attention"] * 3 + ["full_attention"], num_attention_heads=8,
@@ -151,7 +137,7 @@ def bench_gdn(device="cpu", reps=5):
         torch.manual_seed(0)
         return Qwen3_5ForCausalLM(cfg).to(device).eval()
 
-    def ours():  # random weights: the memory child must not build transformers' model too
+    def ours():  # random weights: the memory measurement builds each side alone
         return qwen35.Qwen35ForCausalLM(qwen35.Qwen35Config.from_hf(cfg.to_dict())).to(device).eval()
 
     rows = whole_forward(ours, theirs, ids, device, reps, "1.0", "0.8B widths, 4 layers, T=512")
@@ -197,7 +183,7 @@ def bench_mamba2(device="cpu", reps=5):
         torch.manual_seed(0)
         return HFModel(cfg).to(device).eval()
 
-    def ours():  # random weights: the memory child must not build transformers' model too
+    def ours():  # random weights: the memory measurement builds each side alone
         return mamba2.Mamba2ForCausalLM(mamba2.Mamba2Config.from_hf(cfg.to_dict())).to(device).eval()
 
     rows = whole_forward(ours, theirs, ids, device, reps, "0.7", f"370m widths, 4 layers, T={T}",
