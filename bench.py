@@ -14,7 +14,9 @@ import os
 import statistics
 import time
 
-import torch
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")        # the CPU memory profiler's start/stop lines
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # and its note on blocks freed that it saw no allocation of
+import torch  # noqa: E402
 
 BENCHES = {}
 
