@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from helpers import assert_close
 
-from models.common import Cache, Edit, apply_edits, outer, rebuild_states, scan_with_edits
+from models.common import Cache, Edit, apply_edits, causal_conv, outer, rebuild_states, scan_with_edits
 
 
 def test_edit_validation():
@@ -85,3 +86,17 @@ def test_scan_with_edits_and_rebuild():
     torch.testing.assert_close(S_e, S_ref_e)
     with pytest.raises(ValueError, match="outside this forward"):
         scan_with_edits(_loop, _step, inputs, S0, [Edit(0, 1, 3, "delete")], 10, "additive")
+
+
+def test_causal_conv_equals_conv1d_and_carries_its_window_across_calls():
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 9, 5, generator=gen), torch.randn(5, 1, 4, generator=gen), torch.randn(5, generator=gen)
+    want = torch.nn.functional.conv1d(torch.nn.functional.pad(x.transpose(1, 2), (3, 0)), w, b, groups=5)
+    got, last = causal_conv(x, w, b)
+    assert_close("one call", want.transpose(1, 2), got, 1e-6)
+    assert torch.equal(last, x[:, -3:])
+    parts, prev = [], None
+    for a, e in ((0, 2), (2, 3), (3, 9)):  # shorter than the window, one token (a decode step), the rest
+        y, prev = causal_conv(x[:, a:e], w, b, prev)
+        parts.append(y)
+    assert_close("in pieces", got, torch.cat(parts, 1), 1e-6)
