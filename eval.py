@@ -687,12 +687,11 @@ def main(argv=None):
     import train
     args = parse_args(argv)
     dtype, loaded = getattr(torch, args.dtype), None
-    if args.run is None:  # train.py's default run for --model (or its default model): middle write layer, head 0
+    if args.run is None:  # train.py's default run for --model (or its default model) at its default site
         targs = train.parse_args([] if args.model is None else ["--model", args.model])
         loaded = load_model(targs.model, device=args.device, dtype=dtype)
-        m = loaded[0]
-        args.run = train.default_out(targs.model, m.write_layers[len(m.write_layers) // 2],
-                                     train.parse_heads(targs.head, m.n_heads), m.n_heads)
+        layer, head = train.default_site(targs.model, loaded[0])
+        args.run = train.default_out(targs.model, layer, [head], loaded[0].n_heads)
     run = Path(args.run)
     if not (run / "config.json").exists():
         raise ValueError(f"{run} is not a train.py run directory (no config.json): train one with train.py first")

@@ -1,6 +1,6 @@
 """Train a WriteSAE on the recurrent state S_t of one (layer, head), or of several heads of one layer at once.
 
-  python train.py                                                     # demo GDN model, middle GDN layer, head 0
+  python train.py                                                     # demo GDN model at its default site
   python train.py --model Qwen/Qwen3.5-0.8B --layer 9 --head 4 --data owt.jsonl --device cuda
   torchrun --standalone --nproc_per_node 4 train.py --head all ...    # ranks share extraction and batches
 
@@ -22,8 +22,8 @@ Run directory (--out, default runs/<model>-L<layer>-H<heads>):
 
 Defaults follow DESIGN.md §4. Scale-down rule for tiny models: unless given, n_feat = min(2048, 2·K·V) and
 k = min(32, n_feat / 16), so a state with K·V ≥ 1024 gets the paper's 2048 / 32 and only a smaller one is shrunk.
-The demo models' runs are short (2000 steps): their default learning rate is 2e-3 → 2e-4. On demo/gdn L1 H0
-3e-4 stops at val FVE 0.65 while still improving; 1e-3 reaches 0.70 and 2e-3 0.72 by step 1200 (measured).
+The demo models' runs are short (2000 steps): their default learning rate is 2e-3 → 2e-4. On the first demo/gdn
+(README) at L1 H0, 3e-4 stopped at val FVE 0.65 while still improving; 1e-3 reached 0.70 and 2e-3 0.72 by step 1200.
 """
 
 import argparse
@@ -59,8 +59,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     # ---- model and site ------------------------------------------------------------------------------------
     p.add_argument("--model", default="demo/gdn", help="Hub repo id, local checkpoint dir, or demo/gdn|mamba2|rwkv7")
-    p.add_argument("--layer", type=int, default=None, help="a write layer (default: the middle one)")
-    p.add_argument("--head", default="0", help="a head, a list (1,2,5) or all: one SAE each, trained together")
+    p.add_argument("--layer", type=int, default=None, help="a write layer (default: see default_site)")
+    p.add_argument("--head", default=None, help="a head, a list (1,2,5) or all: one SAE each, trained together "
+                   "(default: see default_site)")
     p.add_argument("--write", choices=("additive", "increment"), default=None,
                    help="the native write eval.py substitutes (default: the model's); the SAE input is always S_t")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="SAE and model device")
@@ -125,6 +126,14 @@ def parse_heads(spec: str, n_heads: int) -> list[int]:
     if len(set(heads)) != len(heads):
         raise ValueError(f"--head lists a head twice: {spec}")
     return heads
+
+
+def default_site(name: str, model) -> tuple[int, int]:
+    """--layer / --head defaults: a demo model's own site (models/demo.py DEMO_SITES), else the middle write layer
+    and head 0."""
+    from models.demo import DEMO_SITES
+    site = DEMO_SITES.get(name.removeprefix("demo/")) if name.startswith("demo/") else None
+    return site or (model.write_layers[len(model.write_layers) // 2], 0)
 
 
 def default_out(model: str, layer: int, heads: list[int], n_heads: int) -> Path:
@@ -233,9 +242,10 @@ def run(args):
 
     # ---- model, site, run directory ----
     model, tok = load_model(args.model, device=device, dtype=DTYPES[args.dtype])
-    layer = model.write_layers[len(model.write_layers) // 2] if args.layer is None else args.layer
+    site = default_site(args.model, model)
+    layer = site[0] if args.layer is None else args.layer
     model.check_site(layer)
-    heads = parse_heads(args.head, model.n_heads)
+    heads = parse_heads(str(site[1]) if args.head is None else args.head, model.n_heads)
     for h in heads:
         model.check_site(layer, h)
     arch, write, K, V = model.arch, args.write or model.default_write, *model.state_shape
@@ -353,7 +363,7 @@ def run(args):
     stop = []  # set by Ctrl-C / SIGTERM; acted on once all ranks know (the last entry of the step's all-reduce)
     handlers = {s: signal.signal(s, lambda *_: stop.append(1)) for s in (signal.SIGINT, signal.SIGTERM)}
     period = min(cfg.resample_every, max(total // 4, 1))  # writesae.train_step's resampling schedule
-    bar = tqdm(total=total, initial=step, desc=f"train L{layer} H{args.head}", disable=rank != 0, unit="step")
+    bar = tqdm(total=total, initial=step, desc=f"train L{layer} H{args.head or heads[0]}", disable=rank != 0, unit="step")
     names = ("loss", "mse", "aux", "fve", "l0")
     try:
         for S in loader.batches(step) if step < total else ():

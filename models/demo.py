@@ -260,7 +260,7 @@ def train_tokenizer(texts, vocab_size=DEFAULT_VOCAB, path=None):
 DEMO_ARCHS = {
     "gdn": ("qwen35", "Qwen35Config", "Qwen35ForCausalLM", dict(
         hidden_size=384, intermediate_size=1024, head_dim=64, num_attention_heads=4, num_key_value_heads=2,
-        layer_types=("linear_attention", "linear_attention", "full_attention", "linear_attention"),
+        layer_types=("linear_attention",) * 3 + ("full_attention",),  # Qwen3.5's order: attention every 4th layer
         linear_num_key_heads=6, linear_num_value_heads=6, linear_key_head_dim=64, linear_value_head_dim=64,
         tie_word_embeddings=True)),
     "mamba2": ("mamba2", "Mamba2Config", "Mamba2ForCausalLM", dict(
@@ -269,6 +269,13 @@ DEMO_ARCHS = {
         hidden_size=384, num_hidden_layers=4, head_dim=64, intermediate_size=1536, decay_low_rank_dim=32,
         a_low_rank_dim=32, v_low_rank_dim=16, gate_low_rank_dim=64, tie_word_embeddings=False)),
 }
+
+
+# train.py's and eval.py's default site of a demo model, where it is not the middle write layer, head 0.
+# demo/gdn: L2, the middle of its four layers and its last GDN layer (its writes reach the logits through its own
+# MLP and the attention block only), and H4, that layer's shortest-memory head (mean decay 0.56). The README's
+# "Choosing demo/gdn's site" has all six heads of L2 measured.
+DEMO_SITES = {"gdn": (2, 4)}
 
 
 def arch_module(arch: str):

@@ -217,13 +217,16 @@ def test_cli_default_run_of_a_model(tmp_path, text, monkeypatch):
 
 
 def test_train_and_eval_on_the_demo_model(tmp_path, text):
-    """The default model (the committed demo/gdn, its middle GDN layer) end to end at reduced sizes."""
+    """The default model (the committed demo/gdn, at its own site) end to end at reduced sizes."""
     import train
+    from models.demo import DEMO_SITES
     (tmp_path / "corpus.txt").write_text(text)
     run = tmp_path / "run"
     train.main(["--data", str(tmp_path / "corpus.txt"), "--seq-len", "64", "--n-seqs", "20", "--epochs", "2",
                 "--n-feat", "64", "--k", "4", "--batch", "64", "--out", str(run), "--device", "cpu"])
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["args"]["model"] == "demo/gdn" and cfg["site"]["layer"] == 1 and cfg["args"]["lr"] == train.DEMO_LR
+    layer, head = DEMO_SITES["gdn"]
+    assert cfg["args"]["model"] == "demo/gdn" and cfg["args"]["lr"] == train.DEMO_LR
+    assert cfg["site"]["layer"] == layer and cfg["site"]["heads"] == [head]
     res = ev.main(["--run", str(run), "--device", "cpu"] + FAST)
-    assert res["subst"]["all"]["n"] > 0 and "demo/gdn layer 1 head 0" in (run / "eval" / "report.md").read_text()
+    assert res["subst"]["all"]["n"] > 0 and f"demo/gdn layer {layer} head {head}" in (run / "eval" / "report.md").read_text()
