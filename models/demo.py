@@ -271,10 +271,8 @@ DEMO_ARCHS = {
 }
 
 
-# train.py's and eval.py's default site of a demo model, where it is not the middle write layer, head 0.
-# demo/gdn: L2, the middle of its four layers and its last GDN layer (its writes reach the logits through its own
-# MLP and the attention block only), and H4, that layer's shortest-memory head (mean decay 0.56). The README's
-# "Choosing demo/gdn's site" has all six heads of L2 measured.
+# train.py's default site where it is not the middle write layer, head 0. demo/gdn: L2, the model's middle and last
+# GDN layer, and its shortest-memory head (mean decay 0.56). README: "Choosing demo/gdn's site".
 DEMO_SITES = {"gdn": (2, 4)}
 
 
