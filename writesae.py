@@ -155,23 +155,34 @@ class WriteSAE(nn.Module):
 
     # ---- encoder -------------------------------------------------------------------------------------
 
-    def encode_pre(self, S):  # Table 10 encoders on x = vec(S − M) (§2)
+    def encode_pre(self, S):  # Table 10: pre_i = Σ_r enc_k[i,r]ᵀ (S − M) enc_v[i,r] + b_enc[i]
+        """Pre-activations [h,B,n] of states S [h,B,K,V] as the paper writes the encoders (matrix, flat:
+        ⟨vec(S − M), W_enc[i]⟩ + b_enc[i]). Training and eval call encode_pre_fast: same numbers and
+        gradients (tests/test_writesae.py)."""
+        x = self._states(S) - self.b_dec[:, None]                           # [h,B,K,V]  S − M
+        if self.cfg.variant == "write":
+            fk, fv = (self.dec_k, self.dec_v) if self.cfg.tied else (self.enc_k, self.enc_v)
+            return torch.einsum("hnrk,hbkv,hnrv->hbn", fk, x, fv) + self.b_enc[:, None]
+        return torch.einsum("hbx,hnx->hbn", x.flatten(2), self.W_enc) + self.b_enc[:, None]
+
+    def encode_pre_fast(self, S):  # encode_pre as one GEMM against the materialised encoder atoms
         b = self.b_dec.flatten(1)[:, :, None]                               # [h,K·V,1]
         X = self._states(S).flatten(2) - b.detach().transpose(1, 2)         # [h,B,K·V]  vec(S − b_dec)
-        # write: Σ_r enc_kᵀ X enc_v = ⟨X, Σ_r enc_k ⊗ enc_v⟩_F, so the encoder atoms are materialised once per
-        # call and applied as one GEMM (ANCHORS B4: the factored einsum makes a [B,n,V] intermediate and is slower)
+        # write: Σ_r enc_kᵀ X enc_v = ⟨X, Σ_r enc_k ⊗ enc_v⟩_F, so the encoder atoms are built once per call
+        # and applied as one GEMM; the factored einsum makes a [B,n,V] intermediate (docs/PERFORMANCE.md)
         E = self.encoder_atoms()                                            # [h,n,K·V]
-        # b_dec's gradient through the centring is −Eᵀ Σ_B ∂pre: one mat-vec (Gao et al.'s pre-bias trick) via the
-        # zero-valued term E (b − b.detach()), instead of a second [B,K·V] GEMM through X (E's gradient from this
-        # term is (b − b.detach()) = 0, hence E.detach())
+        # b_dec's gradient through the centring is −Eᵀ Σ_B ∂pre: one mat-vec (Gao et al.'s pre-bias
+        # trick) through the zero-valued term E (b − b.detach()), not a second [B,K·V] GEMM through X
+        # (E's gradient from this term is b − b.detach() = 0, hence E.detach())
         offset = self.b_enc[:, :, None] - E.detach() @ (b - b.detach())     # [h,n,1]
-        # E Xᵀ rather than X Eᵀ: autograd's gradient of E then comes out contiguous, not a transposed view
-        # that the atoms' backward bmm would copy matrix by matrix
-        return torch.baddbmm(offset, E, X.transpose(1, 2)).transpose(1, 2).contiguous()  # [h,B,n]
+        # E Xᵀ rather than X Eᵀ: autograd's gradient of E then comes out contiguous, not a transposed
+        # view that the atoms' backward bmm would copy matrix by matrix
+        pre = torch.baddbmm(offset, E, X.transpose(1, 2))                   # [h,n,B]
+        return pre.transpose(1, 2).contiguous()                             # [h,B,n]
 
     def encode(self, S):
         """Codes [h,B,n] (≥ 0): TopK, or BatchTopK (batch budget in training, threshold θ in eval mode)."""
-        return self.sparsify(self.encode_pre(S))[2]
+        return self.sparsify(self.encode_pre_fast(S))[2]
 
     def sparsify(self, pre):
         """(idx [h,B,m], vals [h,B,m], codes [h,B,n]): the active atoms of every state, and the dense codes."""
@@ -225,7 +236,7 @@ class WriteSAE(nn.Module):
     def forward(self, S, dead=None):
         """§2 objective. dead [h,n] (bool, from DeadTracker) switches on AuxK."""
         S = self._states(S)
-        pre = self.encode_pre(S)                                            # [h,B,n]
+        pre = self.encode_pre_fast(S)                                       # [h,B,n]
         idx, vals, codes = self.sparsify(pre)
         recon = self.decode_sparse(idx, vals)                               # [h,B,K,V]
         mse = (recon - S).pow(2).mean((1, 2, 3))                            # [h]
