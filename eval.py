@@ -711,10 +711,12 @@ def main(argv=None):
                          f"or name its directory with --run")
     cfg = json.loads((run / "config.json").read_text())
     site_cfg, model_name = cfg["site"], args.model or cfg["args"]["model"]
-    if loaded is None or model_name != cfg["args"]["model"]:
-        loaded = load_model(model_name, device=args.device, dtype=dtype,
-                            revision=args.revision or cfg["args"].get("revision"),
-                            tokenizer=args.tokenizer or cfg["args"].get("tokenizer"))
+    rev = args.revision or cfg["args"].get("revision")  # the run's, unless given
+    tokenizer = args.tokenizer or cfg["args"].get("tokenizer")
+    if loaded is None or model_name != cfg["args"]["model"] or (rev, tokenizer) != (args.revision,
+                                                                                  args.tokenizer):
+        loaded = load_model(model_name, device=args.device, dtype=dtype, revision=rev,
+                            tokenizer=tokenizer)
     model, tok = loaded
     heads = site_cfg["heads"]
     head = heads[0] if args.head is None else args.head

@@ -143,7 +143,8 @@ def default_site(name: str, model) -> tuple[int, int]:
 
 
 def default_out(model: str, layer: int, heads: list[int], n_heads: int) -> Path:
-    name = Path(model).name if Path(model).expanduser().exists() else model.replace("/", "-")
+    repo = model.replace("/", "-").replace(":", "-")  # a repo id, or repo:FILENAME
+    name = Path(model).name if Path(model).expanduser().exists() else repo
     tag = "all" if heads == list(range(n_heads)) else "_".join(map(str, heads))
     return Path("runs") / f"{name}-L{layer}-H{tag}"
 

@@ -179,7 +179,7 @@ class MissingTokenizer(Tokenizer):
 
 
 def load_tokenizer(name_or_path, revision=None, eos_id=None, filename="tokenizer.json") -> Tokenizer:
-    """tokenizer.json from a checkpoint directory, a file, or a Hub repo id (cache / offline aware)."""
+    """tokenizer.json from a checkpoint directory, a file, a Hub repo id or repo:FILENAME (cache / offline aware)."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return Tokenizer.from_file(path, eos_id)
@@ -188,8 +188,9 @@ def load_tokenizer(name_or_path, revision=None, eos_id=None, filename="tokenizer
             raise CheckpointError(f"no {filename} in {path}")
         return Tokenizer.from_file(path / filename, eos_id)
     from huggingface_hub import hf_hub_download
+    repo, named = split_repo_file(str(name_or_path))  # repo:FILENAME names the file
     try:
-        return Tokenizer.from_file(hf_hub_download(str(name_or_path), filename, revision=revision), eos_id)
+        return Tokenizer.from_file(hf_hub_download(repo, named or filename, revision=revision), eos_id)
     except Exception as e:  # offline, missing repo, missing file: one line that says which
         raise CheckpointError(f"cannot get {filename} from {name_or_path!r} ({type(e).__name__}); "
                               f"pass a local tokenizer.json with --tokenizer") from None
