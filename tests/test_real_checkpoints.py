@@ -20,7 +20,7 @@ import writesae
 from models import hub, load_model, rwkv7
 
 ROOT = Path(__file__).resolve().parent.parent
-WORLD = rwkv7.WORLD_ROWS
+WORLD = 65536  # the rows of a World head (65529 vocabulary entries + padding)
 WORDS = "the state of a recurrent model keeps one matrix per head and every token writes into it".split()
 
 
@@ -86,7 +86,8 @@ def hf_cache(tmp_path, monkeypatch):
 def test_world_ids_past_the_vocabulary_never_stop_an_experiment(tmp_path):
     """A 65536-row World head scores ids 65530..65535, which the vocabulary lacks: they decode as placeholders,
     and the experiments that decode (amplify: every row; erase: the preferred token) run."""
-    model, tok = load_model(blinkdl_pth(tmp_path / "world.pth"))  # nothing beside it: the rwkv wheel's vocabulary
+    (tmp_path / rwkv7.WORLD_VOCAB).symlink_to(vocab_file())
+    model, tok = load_model(blinkdl_pth(tmp_path / "world.pth"))
     assert isinstance(tok, rwkv7.WorldTokenizer) and model.lm_head_weight().shape[0] == WORLD
     assert tok.decode([65531]) == "<id 65531>" and tok.decode(tok.encode("a b.\n")) == "a b.\n"
     newline = tok.encode("\n")[0]
