@@ -224,6 +224,19 @@ def test_corpus_is_read_only_as_far_as_the_blocks_need(tmp_path):
         data.make_blocks(data.read_texts([str(tmp_path / "b.jsonl")]), tok, 32)
 
 
+def test_only_rank_0_reads_the_corpus(tmp_path):
+    """Under torchrun rank 0 tokenises and saves the blocks; another rank reads those, never the corpus."""
+    tok = hub.load_tokenizer(word_tokenizer(tmp_path / "words.json"))
+    (tmp_path / "a.txt").write_text(prose(100))
+    args = train.parse_args(["--data", str(tmp_path / "a.txt"), "--seq-len", "16", "--n-seqs", "30"])
+    blocks, tr, val = train.shared_blocks(args, tok, tmp_path / "run", rank=0, world=1)
+    (tmp_path / "a.txt").unlink()
+    again, tr1, val1 = train.shared_blocks(args, tok, tmp_path / "run", rank=1, world=1)
+    assert torch.equal(blocks, again) and (tr, val) == (tr1, val1) and blocks.shape == (30, 16)
+    with pytest.raises(ValueError, match="cannot read corpus file"):
+        train.shared_blocks(args, tok, tmp_path / "run", rank=0, world=1)
+
+
 # ---- 6. the weight fingerprint -------------------------------------------------------------------------
 
 def test_weight_fingerprint_copies_no_parameter():
