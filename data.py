@@ -38,9 +38,10 @@ FACTORS = ("inc_k", "inc_v", "log_decay")
 # 1. Corpus -> blocks -> split
 
 def read_texts(paths, chunk=1 << 20):
-    """Documents from text files, .jsonl files (a "text" field per line), or "demo", read lazily: a caller that stops
-    early (make_blocks, once it has its tokens) reads no further. A text file comes in pieces of about `chunk`
-    characters, cut after a line break where the piece has one (documents are concatenated anyway)."""
+    """Documents from text files, .jsonl files (a "text" field per line), or "demo", read lazily:
+    a caller that stops early (make_blocks, once it has its tokens) reads no further. A text file
+    comes in pieces of about `chunk` characters, cut after a line break where the piece has one
+    (documents are concatenated anyway)."""
     for p in paths:
         if p == "demo":
             yield from demo_corpus()
@@ -60,7 +61,7 @@ def demo_corpus() -> list[str]:
                          "pass your own text with --data FILE") from None
     try:
         return demo_texts()
-    except RuntimeError as e:  # models.demo.CorpusUnavailable: its message names each registry's failure
+    except RuntimeError as e:  # models.demo.CorpusUnavailable: names each registry's failure
         raise ValueError(str(e)) from None
 
 
@@ -68,7 +69,7 @@ def text_pieces(f, chunk):
     carry = ""
     while piece := f.read(chunk):
         piece = carry + piece
-        cut = piece.rfind("\n") + 1 or len(piece)        # whole lines where the piece has a line break
+        cut = piece.rfind("\n") + 1 or len(piece)  # whole lines where the piece has a line break
         carry = piece[cut:]
         yield piece[:cut]
     if carry:
@@ -86,8 +87,8 @@ def json_lines(f, p):
 
 
 def make_blocks(texts, tok, seq_len: int, n_seqs: int | None = None, names=()) -> torch.Tensor:
-    """Tokenise the documents in order until n_seqs blocks are had (texts may be a lazy iterator: no more of it is
-    read), concatenate, cut into at most n_seqs blocks  -> [N,T] int32."""
+    """Tokenise the documents in order until n_seqs blocks are had (texts may be a lazy iterator: no
+    more of it is read), concatenate, cut into at most n_seqs blocks  -> [N,T] int32."""
     ids = []
     for t in texts:
         ids += tok.encode(t)

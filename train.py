@@ -67,11 +67,11 @@ def parse_args(argv=None):
                    help="the native write eval.py substitutes (default: the model's); the SAE input is always S_t")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="SAE and model device")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights (recurrences run in fp32)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json, World vocab .txt, or repo id (default: the "
-                   "checkpoint's)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json, World vocab .txt, or repo id (default: the checkpoint's)")
     p.add_argument("--revision", default=None, help="Hub branch, tag or commit of --model")
-    p.add_argument("--tf32", action="store_true", help="TF32 matmuls in SAE training on CUDA (faster, ~1e-3 "
-                   "relative rounding); off otherwise, and always off during extraction")
+    p.add_argument("--tf32", action="store_true", help="TF32 matmuls in SAE training on CUDA "
+                   "(faster, ~1e-3 relative rounding); off otherwise, and always in extraction")
     # ---- data ----------------------------------------------------------------------------------------------
     p.add_argument("--data", nargs="+", default=["demo"], help="text files, .jsonl with a text field, or demo")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per block; every block starts from S = 0")
@@ -150,14 +150,15 @@ def default_out(model: str, layer: int, heads: list[int], n_heads: int) -> Path:
 
 
 def set_tf32(on: bool):
-    """TF32 for CUDA matmuls and convolutions, set explicitly either way (torch's defaults differ between the two)."""
+    """TF32 for CUDA matmuls and convolutions, set explicitly either way (torch's defaults for
+    the two differ)."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
     torch.set_float32_matmul_precision("high" if on else "highest")
 
 
 def weight_fingerprint(model, piece=1 << 24) -> str:
-    """sha256 of every parameter's name and bytes, read to the CPU `piece` elements at a time: a re-trained model
-    differs, and no copy of a whole parameter is made on its device."""
+    """sha256 of every parameter's name and bytes, read to the CPU `piece` elements at a time: a
+    re-trained model differs, and no copy of a whole parameter is made on its device."""
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         flat = p.detach().reshape(-1)
@@ -168,12 +169,14 @@ def weight_fingerprint(model, piece=1 << 24) -> str:
 
 
 def shared_blocks(args, tok, out, rank, world):
-    """(blocks, train, val): rank 0 reads the corpus (streamed, only as far as --n-seqs blocks need), tokenises it
-    and saves the blocks in `out`; the other ranks read those files. A failure on rank 0 stops every rank."""
+    """(blocks, train, val): rank 0 reads the corpus (streamed, only as far as --n-seqs blocks
+    need), tokenises it and saves the blocks in `out`; the other ranks read those files. A failure
+    on rank 0 stops every rank."""
     err = None
     if rank == 0:
         try:
-            blocks = data.make_blocks(data.read_texts(args.data), tok, args.seq_len, args.n_seqs, names=args.data)
+            texts = data.read_texts(args.data)
+            blocks = data.make_blocks(texts, tok, args.seq_len, args.n_seqs, names=args.data)
             train_ids, val_ids = data.split_blocks(len(blocks), args.val_frac, args.seed)
             out.mkdir(parents=True, exist_ok=True)
             data.save_blocks(out, blocks, train_ids, val_ids)
@@ -288,8 +291,8 @@ def run(args):
 
     # ---- model, site, run directory ----
     set_tf32(False)  # extraction's model forward in full fp32
-    model, tok = load_model(args.model, device=device, dtype=DTYPES[args.dtype], revision=args.revision,
-                            tokenizer=args.tokenizer)
+    model, tok = load_model(args.model, device=device, dtype=DTYPES[args.dtype],
+                            revision=args.revision, tokenizer=args.tokenizer)
     site = default_site(args.model, model)
     layer = site[0] if args.layer is None else args.layer
     model.check_site(layer)

@@ -36,8 +36,8 @@ def split_repo_file(name: str) -> tuple[str, str | None]:
 
 def hub_files(names: list[str], repo: str = "the repo", filename: str | None = None) -> list[str]:
     """Of a repo's file names, those the loader reads: the top-level .json / .txt (config, index,
-    tokenizer, vocabularies) and the weights: `filename` if named, else the first kind in WEIGHT_ORDER
-    (as weight_files picks)."""
+    tokenizer, vocabularies) and the weights: `filename` if named, else the first kind in
+    WEIGHT_ORDER (as weight_files picks)."""
     from fnmatch import fnmatch
     top = [n for n in names if "/" not in n]
     meta = [n for n in top if n.endswith((".json", ".txt"))]
@@ -47,9 +47,9 @@ def hub_files(names: list[str], repo: str = "the repo", filename: str | None = N
         return sorted(set(meta) | {filename})
     for pattern in WEIGHT_ORDER:
         found = sorted(n for n in top if fnmatch(n, pattern))
-        if pattern == "*.pth" and len(found) > 1:  # BlinkDL repos: one release per file, several GB each
-            raise CheckpointError(f"{repo} holds {len(found)} .pth files ({', '.join(found[:2])}, ...): "
-                                  f"name one as {repo}:FILENAME")
+        if pattern == "*.pth" and len(found) > 1:  # BlinkDL repos: a release a file, GBs each
+            raise CheckpointError(f"{repo} holds {len(found)} .pth files ({', '.join(found[:2])}, "
+                                  f"...): name one as {repo}:FILENAME")
         if found:
             return meta + found
     raise CheckpointError(f"no weights in {repo} (looked for {', '.join(WEIGHT_ORDER)})")
@@ -62,24 +62,27 @@ def offline() -> bool:  # huggingface_hub reads HF_HUB_OFFLINE once, at import: 
 
 
 def resolve(name_or_path, revision=None, allow_patterns=None) -> Path:
-    """A local directory or file as is; a repo id its snapshot directory, "repo:filename" that file in
-    it. Downloaded: allow_patterns, by default hub_files of the repo's listing."""
+    """A local directory or file as is; a repo id its snapshot directory, "repo:filename" that file
+    in it. Downloaded: allow_patterns, by default hub_files of the repo's listing."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, \
-        RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (EntryNotFoundError, HFValidationError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
     repo, filename = split_repo_file(name_or_path)
     try:
         if allow_patterns is None and not offline():  # offline: the cached snapshot as it is
-            allow_patterns = hub_files(HfApi().list_repo_files(repo, revision=revision), repo, filename)
+            names = HfApi().list_repo_files(repo, revision=revision)
+            allow_patterns = hub_files(names, repo, filename)
         snapshot = Path(snapshot_download(repo, revision=revision, allow_patterns=allow_patterns))
-    except (LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError,
-            HFValidationError, OSError) as e:
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+            EntryNotFoundError, HFValidationError, OSError) as e:
         why = "not in the HF cache and HF_HUB_OFFLINE is set" if offline() else type(e).__name__
         what = f"{filename!r} in {repo!r}" if filename else repr(str(name_or_path))
-        raise CheckpointError(f"cannot find {what}: no such local path, and as a Hub repo: {why}") from None
+        raise CheckpointError(f"cannot find {what}: no such local path, and as a Hub repo: "
+                              f"{why}") from None
     if filename is not None and not (snapshot / filename).is_file():
         raise CheckpointError(f"{repo} (as cached) has no file {filename!r}")
     return snapshot if filename is None else snapshot / filename
@@ -179,7 +182,8 @@ class MissingTokenizer(Tokenizer):
 
 
 def load_tokenizer(name_or_path, revision=None, eos_id=None, filename="tokenizer.json") -> Tokenizer:
-    """tokenizer.json from a checkpoint directory, a file, a Hub repo id or repo:FILENAME (cache / offline aware)."""
+    """tokenizer.json from a checkpoint directory, a file, a Hub repo id or repo:FILENAME (cache /
+    offline aware)."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return Tokenizer.from_file(path, eos_id)
@@ -190,7 +194,8 @@ def load_tokenizer(name_or_path, revision=None, eos_id=None, filename="tokenizer
     from huggingface_hub import hf_hub_download
     repo, named = split_repo_file(str(name_or_path))  # repo:FILENAME names the file
     try:
-        return Tokenizer.from_file(hf_hub_download(repo, named or filename, revision=revision), eos_id)
+        file = hf_hub_download(repo, named or filename, revision=revision)
+        return Tokenizer.from_file(file, eos_id)
     except Exception as e:  # offline, missing repo, missing file: one line that says which
         raise CheckpointError(f"cannot get {filename} from {name_or_path!r} ({type(e).__name__}); "
                               f"pass a local tokenizer.json with --tokenizer") from None
