@@ -1,6 +1,7 @@
-"""CUDA checks for all three architectures (`pytest -m gpu`; skipped without a device, see conftest.py): fp32 logits
-on CUDA against the CPU, prefill + decode on CUDA, a bf16 forward without NaN, and the chunked scans against the token
-loop on CUDA. TF32 is off (conftest.py), so fp32 on CUDA is compared at fp32 tolerances."""
+"""CUDA checks for all three architectures (`pytest -m gpu`; skipped without a device, see
+conftest.py): fp32 logits on CUDA against the CPU, prefill + decode on CUDA, a bf16 forward without
+NaN, and the chunked scans against the token loop on CUDA. TF32 is off (conftest.py), so fp32 on
+CUDA is compared at fp32 tolerances."""
 
 import pytest
 import torch
@@ -17,11 +18,12 @@ T = 150  # crosses the chunk boundaries of every scan (32 / 64)
 
 
 def ids(B=2, seed=0):
-    return torch.randint(0, TINY["rwkv7"][2]["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
+    vocab = TINY["rwkv7"][2]["vocab_size"]  # all three tiny models share it
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def forward_checks(arch, device):
-    """(fp32 logits on device vs CPU, prefill + decode vs full, bf16 vs fp32 logits) on one tiny model."""
+    """(CPU fp32 logits, device fp32 logits, device prefill + decode, device bf16 logits)."""
     _, model = tiny_model(arch)
     x = ids()
     with torch.no_grad():
@@ -48,7 +50,7 @@ def test_cuda_forward_matches_cpu_and_bf16_is_finite(arch):
 
 
 def scans(device):
-    """(name, recurrent(...), chunked(...)) for each architecture's scan on device, inputs in fp32."""
+    """(name, recurrent(...), chunked(...)) for each architecture's scan on device, in fp32."""
     to = lambda d: {n: v.to(device) for n, v in d.items()}  # noqa: E731
     g = to(gdn_inputs(2, 300, 2, 16, 16))
     m, kw, S0 = mamba2_inputs(300)
