@@ -2,7 +2,7 @@
 
   python bench.py                 # every benchmark
   python bench.py gdn mamba2      # some of them (names below)
-  python bench.py --device cuda
+  python bench.py --device cuda  # the paper-scale SAE step at --heads 16 (on a CPU: 2)
 
 Timing: both sides warmed up, then >= 5 interleaved repetitions, median reported (the machines are noisy;
 only ratios measured in one run are comparable). Peak memory: the tensor memory a call allocates at its peak, as
@@ -10,6 +10,7 @@ torch's allocator counts it (max_memory_allocated on CUDA, the profiler's alloca
 """
 
 import argparse
+import inspect
 import os
 import statistics
 import time
@@ -284,22 +285,23 @@ def bench_rwkv7(device="cpu", reps=5):
 
 # ---- sae (writesae.py, train.py) -----------------------------------------------------------------------
 
-def _sae_step_setup(variant, device, K=128, V=128, n_feat=2048, k=32, batch=256):
-    """A trained-for-one-step SAE (so Adam's moments exist) and a batch of states."""
+def _sae_step_setup(variant, device, K=128, V=128, n_feat=2048, k=32, batch=256, heads=1):
+    """A trained-for-one-step SAE of `heads` heads (so Adam's moments exist), states [h,B,K,V]."""
     from writesae import DeadTracker, SAEConfig, WriteSAE, train_step
-    cfg = SAEConfig(d_k=K, d_v=V, variant=variant, n_feat=n_feat, k=k)
+    cfg = SAEConfig(d_k=K, d_v=V, variant=variant, n_feat=n_feat, k=k, n_sae=heads)
     sae = WriteSAE(cfg, seed=0).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
     tracker = DeadTracker(cfg, device=device)
     g = torch.Generator().manual_seed(0)
-    S = (torch.randn(1, batch, K, 4, generator=g) @ torch.randn(1, batch, 4, V, generator=g)).to(device)
+    S = torch.randn(heads, batch, K, 4, generator=g) @ torch.randn(heads, batch, 4, V, generator=g)
+    S = S.to(device)
     train_step(sae, opt, S, 1, tracker, 1000)
     opt.zero_grad(set_to_none=True)  # the base: parameters, Adam moments, data; gradients belong to the step
     return sae, opt, S, tracker
 
 
 @bench("sae")
-def bench_sae(device="cpu", reps=5):
+def bench_sae(device="cpu", reps=5, heads=None):
     """One training step (forward, backward, Adam) of the write SAE vs a flat TopK SAE of the same n_feat and
     k (K = V = 128, n_feat 2048, k 32, batch 256). Both decode sparsely (gather + bmm / embedding_bag)."""
     from writesae import train_step
@@ -316,6 +318,18 @@ def bench_sae(device="cpu", reps=5):
         ("peak memory write / flat (goal ≤ 1.0)", f"{mem['write']:.0f} / {mem['flat']:.0f} MB = "
                                                   f"{mem['write'] / max(mem['flat'], 1e-9):.2f}×"),
     ])
+    # the paper-scale step: the heads of one layer as one batch of SAEs (train.py --head all)
+    heads = heads or (16 if str(device).startswith("cuda") else 2)
+    setup = lambda: _sae_step_setup("write", device, heads=heads)  # noqa: E731
+    step = lambda s: train_step(s[0], s[1], s[2], 2, s[3], 1000)   # noqa: E731
+    sae = setup()
+    sec = time_interleaved({"step": lambda: step(sae)}, device=device, reps=reps)["step"]
+    del sae
+    peak = peak_memory(setup, step, device)
+    report(f"paper-scale write-SAE step: {heads} heads as one batch of SAEs ({device})", [
+        ("steps per second", f"{1 / sec:.2f} ({sec * 1e3:.0f} ms a step)"),
+        ("states per second (heads × batch 256)", f"{heads * 256 / sec:,.0f}"),
+        ("peak memory of a step", f"{peak:.0f} MB")])
 
 
 @bench("store")
@@ -412,13 +426,17 @@ def main():
     p.add_argument("names", nargs="*", help=f"benchmarks to run (default all): {', '.join(BENCHES)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--heads", type=int, default=None,
+                   help="heads in the paper-scale SAE step (sae): default 16 on CUDA, 2 on a CPU")
     args = p.parse_args()
     unknown = [n for n in args.names if n not in BENCHES]
     if unknown:
         p.error(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHES)}")
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
     for name in args.names or BENCHES:
-        BENCHES[name](device=args.device, reps=args.reps)
+        fn = BENCHES[name]
+        extra = {"heads": args.heads} if "heads" in inspect.signature(fn).parameters else {}
+        fn(device=args.device, reps=args.reps, **extra)
 
 
 if __name__ == "__main__":

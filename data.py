@@ -37,40 +37,58 @@ FACTORS = ("inc_k", "inc_v", "log_decay")
 # --------------------------------------------------------------------------------------------------------
 # 1. Corpus -> blocks -> split
 
-def read_texts(paths) -> list[str]:
-    """Documents from text files (one document each), .jsonl files (a "text" field per line), or "demo"."""
-    texts = []
+def read_texts(paths, chunk=1 << 20):
+    """Documents from text files, .jsonl files (a "text" field per line), or "demo", read lazily:
+    a caller that stops early (make_blocks, once it has its tokens) reads no further. A text file
+    comes in pieces of about `chunk` characters, cut after a line break where the piece has one
+    (documents are concatenated anyway)."""
     for p in paths:
         if p == "demo":
-            try:
-                from models.demo import demo_texts
-            except ImportError:
-                raise ValueError("the demo corpus needs models/demo.py, which is not in this checkout; "
-                                 "pass your own text with --data FILE") from None
-            try:
-                texts += demo_texts()
-            except RuntimeError as e:  # models.demo.CorpusUnavailable: its message names each registry's failure
-                raise ValueError(str(e)) from None
+            yield from demo_corpus()
             continue
         try:
-            raw = Path(p).read_text(encoding="utf-8")
+            with open(p, encoding="utf-8") as f:
+                yield from (json_lines(f, p) if p.endswith(".jsonl") else text_pieces(f, chunk))
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read corpus file {p}: {getattr(e, 'strerror', None) or e}") from None
-        if not p.endswith(".jsonl"):
-            texts.append(raw)
+
+
+def demo_corpus() -> list[str]:
+    try:
+        from models.demo import demo_texts
+    except ImportError:
+        raise ValueError("the demo corpus needs models/demo.py, which is not in this checkout; "
+                         "pass your own text with --data FILE") from None
+    try:
+        return demo_texts()
+    except RuntimeError as e:  # models.demo.CorpusUnavailable: names each registry's failure
+        raise ValueError(str(e)) from None
+
+
+def text_pieces(f, chunk):
+    carry = ""
+    while piece := f.read(chunk):
+        piece = carry + piece
+        cut = piece.rfind("\n") + 1 or len(piece)  # whole lines where the piece has a line break
+        carry = piece[cut:]
+        yield piece[:cut]
+    if carry:
+        yield carry
+
+
+def json_lines(f, p):
+    for i, line in enumerate(f, 1):
+        if not line.strip():
             continue
-        for i, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{p} line {i}: not a JSON object with a \"text\" field") from None
-    return texts
+        try:
+            yield json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{p} line {i}: not a JSON object with a \"text\" field") from None
 
 
 def make_blocks(texts, tok, seq_len: int, n_seqs: int | None = None, names=()) -> torch.Tensor:
-    """Tokenise every document, concatenate, cut into at most n_seqs blocks  -> [N,T] int32."""
+    """Tokenise the documents in order until n_seqs blocks are had (texts may be a lazy iterator: no
+    more of it is read), concatenate, cut into at most n_seqs blocks  -> [N,T] int32."""
     ids = []
     for t in texts:
         ids += tok.encode(t)

@@ -637,9 +637,16 @@ FLAGS = [  # (flag, default, help): the type is the default's (a type: that type
     ("run", None, "train.py run directory (default: train.py's default --out for --model)"),
     ("exp", ",".join(EXPERIMENTS), f"comma list of {', '.join(EXPERIMENTS)}"),
     ("model", None, "the model of train.py's default run, or with --run: override its model (same site)"),
-    ("head", int, "which of the run's heads (default its first)"), ("sae", "best", "the run's SAE directory: best or last"),
+    ("layer", int, "without --run: the layer of train.py's default run for --model (default: its "
+                   "default site)"),
+    ("head", int, "which of the run's heads (default its first); without --run, also picks "
+                  "train.py's default run of that one head"),
+    ("sae", "best", "the run's SAE directory: best or last"),
+    ("tokenizer", None, "as train.py --tokenizer (default: the run's)"),
+    ("revision", None, "as train.py --revision (default: the run's)"),
     ("max-blocks", 64, "held-out blocks scanned"), ("device", "cuda" if torch.cuda.is_available() else "cpu", None),
-    ("dtype", ("float32", "bfloat16", "float16"), None), ("seed", 2026, "the paper's substitution / Experiment C seed"),
+    ("dtype", ("float32", "bfloat16", "float16"), "float32 only (others refused, with the reason)"),
+    ("seed", 2026, "the paper's substitution / Experiment C seed"),
     ("boot", 5000, "bootstrap resamples"), ("out", None, "report directory (default <run>/eval)"),
     # ---- 1. substitution ----
     ("max-firings", 1000, None), ("per-atom", 30, "firings per dominant atom (population test cap)"),
@@ -682,23 +689,37 @@ def evaluate(site, blocks, args):
         scans = [scan(site, b) for b in tqdm(blocks, desc="scan", leave=False)]
         return {name: EXPERIMENTS[name](site, blocks, scans, args) for name in args.exp}
 
+PRECISION = ("the experiments compare logits of edited and unedited runs (KL, Δℓ), differences "
+             "far below bf16/fp16 resolution: run eval.py in float32 (--dtype is for train.py)")
+
 def main(argv=None):
     import data
     import train
     args = parse_args(argv)
+    if args.dtype != "float32":
+        raise ValueError(f"--dtype {args.dtype}: {PRECISION}")
+    train.set_tf32(False)  # the same reason: TF32 matmuls would round the logits to ~1e-3
     dtype, loaded = getattr(torch, args.dtype), None
-    if args.run is None:  # train.py's default run for --model (or its default model) at its default site
+    if args.run is None:  # train.py's default run for --model at --layer/--head (or its site)
         targs = train.parse_args([] if args.model is None else ["--model", args.model])
-        loaded = load_model(targs.model, device=args.device, dtype=dtype)
+        loaded = load_model(targs.model, device=args.device, dtype=dtype, revision=args.revision,
+                            tokenizer=args.tokenizer)
         layer, head = train.default_site(targs.model, loaded[0])
+        layer = layer if args.layer is None else args.layer
+        head = head if args.head is None else args.head
         args.run = train.default_out(targs.model, layer, [head], loaded[0].n_heads)
     run = Path(args.run)
     if not (run / "config.json").exists():
-        raise ValueError(f"{run} is not a train.py run directory (no config.json): train one with train.py first")
+        raise ValueError(f"{run} is not a train.py run directory (no config.json): train one with "
+                         f"train.py first, or name its directory with --run")
     cfg = json.loads((run / "config.json").read_text())
     site_cfg, model_name = cfg["site"], args.model or cfg["args"]["model"]
-    if loaded is None or model_name != cfg["args"]["model"]:
-        loaded = load_model(model_name, device=args.device, dtype=dtype)
+    rev = args.revision or cfg["args"].get("revision")  # the run's, unless given
+    tokenizer = args.tokenizer or cfg["args"].get("tokenizer")
+    if loaded is None or model_name != cfg["args"]["model"] or (rev, tokenizer) != (args.revision,
+                                                                                  args.tokenizer):
+        loaded = load_model(model_name, device=args.device, dtype=dtype, revision=rev,
+                            tokenizer=tokenizer)
     model, tok = loaded
     heads = site_cfg["heads"]
     head = heads[0] if args.head is None else args.head

@@ -27,6 +27,7 @@ The demo models' runs are short (2000 steps): their default learning rate is 2e-
 """
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -66,6 +67,11 @@ def parse_args(argv=None):
                    help="the native write eval.py substitutes (default: the model's); the SAE input is always S_t")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="SAE and model device")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights (recurrences run in fp32)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json, World vocab .txt, or repo id (default: the checkpoint's)")
+    p.add_argument("--revision", default=None, help="Hub branch, tag or commit of --model")
+    p.add_argument("--tf32", action="store_true", help="TF32 matmuls in SAE training on CUDA "
+                   "(faster, ~1e-3 relative rounding); off otherwise, and always in extraction")
     # ---- data ----------------------------------------------------------------------------------------------
     p.add_argument("--data", nargs="+", default=["demo"], help="text files, .jsonl with a text field, or demo")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per block; every block starts from S = 0")
@@ -137,9 +143,52 @@ def default_site(name: str, model) -> tuple[int, int]:
 
 
 def default_out(model: str, layer: int, heads: list[int], n_heads: int) -> Path:
-    name = Path(model).name if Path(model).expanduser().exists() else model.replace("/", "-")
+    repo = model.replace("/", "-").replace(":", "-")  # a repo id, or repo:FILENAME
+    name = Path(model).name if Path(model).expanduser().exists() else repo
     tag = "all" if heads == list(range(n_heads)) else "_".join(map(str, heads))
     return Path("runs") / f"{name}-L{layer}-H{tag}"
+
+
+def set_tf32(on: bool):
+    """TF32 for CUDA matmuls and convolutions, set explicitly either way (torch's defaults for
+    the two differ)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    torch.set_float32_matmul_precision("high" if on else "highest")
+
+
+def weight_fingerprint(model, piece=1 << 24) -> str:
+    """sha256 of every parameter's name and bytes, read to the CPU `piece` elements at a time: a
+    re-trained model differs, and no copy of a whole parameter is made on its device."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        h.update(f"{name} {p.dtype} {list(p.shape)}".encode())
+        for i in range(0, flat.numel(), piece):
+            h.update(flat[i:i + piece].cpu().view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def shared_blocks(args, tok, out, rank, world):
+    """(blocks, train, val): rank 0 reads the corpus (streamed, only as far as --n-seqs blocks
+    need), tokenises it and saves the blocks in `out`; the other ranks read those files. A failure
+    on rank 0 stops every rank."""
+    err = None
+    if rank == 0:
+        try:
+            texts = data.read_texts(args.data)
+            blocks = data.make_blocks(texts, tok, args.seq_len, args.n_seqs, names=args.data)
+            train_ids, val_ids = data.split_blocks(len(blocks), args.val_frac, args.seed)
+            out.mkdir(parents=True, exist_ok=True)
+            data.save_blocks(out, blocks, train_ids, val_ids)
+        except (ValueError, OSError) as e:
+            err = e
+    if world > 1:  # also the barrier: the files are complete once rank 0 gets here
+        msg = [None if err is None else str(err)]
+        dist.broadcast_object_list(msg, 0)
+        err = err or (ValueError(msg[0]) if msg[0] else None)
+    if err:
+        raise err
+    return (blocks, train_ids, val_ids) if rank == 0 else data.load_blocks(out)
 
 
 def git_commit() -> str | None:  # None outside a git checkout
@@ -241,7 +290,9 @@ def run(args):
     positions = args.positions if args.positions == "all" else int(args.positions)
 
     # ---- model, site, run directory ----
-    model, tok = load_model(args.model, device=device, dtype=DTYPES[args.dtype])
+    set_tf32(False)  # extraction's model forward in full fp32
+    model, tok = load_model(args.model, device=device, dtype=DTYPES[args.dtype],
+                            revision=args.revision, tokenizer=args.tokenizer)
     site = default_site(args.model, model)
     layer = site[0] if args.layer is None else args.layer
     model.check_site(layer)
@@ -250,9 +301,11 @@ def run(args):
         model.check_site(layer, h)
     arch, write, K, V = model.arch, args.write or model.default_write, *model.state_shape
     out = Path(args.out) if args.out else default_out(args.model, layer, heads, model.n_heads)
-    for name in ("last", "best"):  # finish a swap a crash interrupted
+    for name in ("last", "best") if rank == 0 else ():  # finish a swap a crash interrupted
         if not (out / name).exists() and (out / f"{name}.old").exists():
             os.replace(out / f"{name}.old", out / name)
+    if barrier:
+        barrier()
     if args.resume:
         if not (out / "last" / "train_state.pt").exists():
             raise ValueError(f"nothing to resume in {out}: no last/ checkpoint")
@@ -263,15 +316,12 @@ def run(args):
                                  f"not {vars(args).get(k)}")
 
     # ---- corpus, blocks, split, factor store ----
-    blocks = data.make_blocks(data.read_texts(args.data), tok, args.seq_len, args.n_seqs, names=args.data)
-    train_ids, val_ids = data.split_blocks(len(blocks), args.val_frac, args.seed)
+    blocks, train_ids, val_ids = shared_blocks(args, tok, out, rank, world)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        data.save_blocks(out, blocks, train_ids, val_ids)
         for name in () if args.resume else ("best", "last"):  # a fresh run never leaves an older run's SAE behind
             shutil.rmtree(out / name, ignore_errors=True)
     store_dir = Path(args.store) if args.store else out / "store"
-    weights = f"{sum(p.double().sum().item() for p in model.parameters()):.15e}"  # a re-trained model differs
+    weights = weight_fingerprint(model)
     key = {"checkpoint": args.model, "weights": weights, "tokens": data.fingerprint(blocks), "layer": layer,
            "heads": heads, "dtype": args.store_dtype}
     store = data.FactorStore.open(store_dir)
@@ -289,6 +339,7 @@ def run(args):
     del model
 
     # ---- SAE, optimiser, loaders ----
+    set_tf32(args.tf32)
     n_feat = args.n_feat or min(2048, 2 * K * V)
     cfg = writesae.SAEConfig(
         d_k=K, d_v=V, variant=args.variant, rank=args.rank or (2 if arch == "rwkv7" else 1), n_feat=n_feat,

@@ -34,8 +34,9 @@ def detect_arch(config: dict | None) -> str:
 
 
 def load_model(name_or_path, device="cpu", dtype=torch.float32, revision=None, tokenizer=None):
-    """A Hub repo id or local directory -> (model in eval mode, tokenizer). tokenizer= overrides the
-    tokenizer source (a tokenizer.json, a directory, or a repo id)."""
+    """A Hub repo id, repo:FILENAME (one weight file of a repo), a local directory or file ->
+    (model in eval mode, tokenizer). tokenizer= overrides the tokenizer source (a tokenizer.json, a
+    World vocabulary .txt, a directory, a repo id, repo:FILENAME); revision= pins the snapshot."""
     if str(name_or_path).startswith("demo/"):  # the committed demo checkpoints (models/demo.py)
         from .demo import demo_path  # imported here: `python -m models.demo` must not find itself pre-imported
         path = demo_path(name_or_path)

@@ -1,14 +1,18 @@
 """Reading checkpoints from the Hugging Face Hub or a local directory.
 
 Glossary
-  name_or_path  a Hub repo id ("Qwen/Qwen3.5-0.8B") or a local directory / file
+  name_or_path  a Hub repo id ("Qwen/Qwen3.5-0.8B"), "repo:filename" for one weight file of a repo
+                ("BlinkDL/rwkv-7-world:RWKV-x070-World-0.1B-v2.8-20241210-ctx4096.pth"), or a local
+                directory / file
   revision      a Hub branch, tag or commit (ignored for local paths)
   state dict    {tensor name: tensor}, read from whatever the checkpoint ships:
                 a sharded safetensors index (model.safetensors.index.json, any shard names),
                 a single *.safetensors, a pytorch_model.bin, or a BlinkDL *.pth
 
 Resolution goes through huggingface_hub, so HF_HUB_OFFLINE=1, the HF cache and revision= behave
-as they do for transformers. Nothing here knows about any architecture.
+as they do for transformers. A repo id downloads only the files the loader reads (hub_files: the
+weights weight_files would pick, and the top-level .json / .txt beside them); "repo:filename" only
+that file. Nothing here knows about any architecture.
 """
 
 import json
@@ -17,26 +21,71 @@ from pathlib import Path
 
 import torch
 
-WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.pth", "*.txt", "*.model"]
+WEIGHT_ORDER = ("*.safetensors", "pytorch_model*.bin", "*.pth")  # precedence, first match wins
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read as asked: the message names the file or tensor."""
 
 
-def resolve(name_or_path, revision=None, allow_patterns=WEIGHT_PATTERNS) -> Path:
-    """A local directory (or file) as is; otherwise a Hub repo id, downloaded or taken from the HF cache."""
+def split_repo_file(name: str) -> tuple[str, str | None]:
+    """"repo:filename" -> (repo, filename); a plain repo id -> (repo, None)."""
+    repo, sep, filename = str(name).partition(":")
+    return (repo, filename) if sep and filename else (str(name), None)
+
+
+def hub_files(names: list[str], repo: str = "the repo", filename: str | None = None) -> list[str]:
+    """Of a repo's file names, those the loader reads: the top-level .json / .txt (config, index,
+    tokenizer, vocabularies) and the weights: `filename` if named, else the first kind in
+    WEIGHT_ORDER (as weight_files picks)."""
+    from fnmatch import fnmatch
+    top = [n for n in names if "/" not in n]
+    meta = [n for n in top if n.endswith((".json", ".txt"))]
+    if filename is not None:
+        if filename not in names:
+            raise CheckpointError(f"{repo} has no file {filename!r}")
+        return sorted(set(meta) | {filename})
+    for pattern in WEIGHT_ORDER:
+        found = sorted(n for n in top if fnmatch(n, pattern))
+        if pattern == "*.pth" and len(found) > 1:  # BlinkDL repos: a release a file, GBs each
+            raise CheckpointError(f"{repo} holds {len(found)} .pth files ({', '.join(found[:2])}, "
+                                  f"...): name one as {repo}:FILENAME")
+        if found:
+            return meta + found
+    raise CheckpointError(f"no weights in {repo} (looked for {', '.join(WEIGHT_ORDER)})")
+
+
+def offline() -> bool:  # huggingface_hub reads HF_HUB_OFFLINE once, at import: look at both
+    from huggingface_hub import constants
+    env = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    return bool(constants.HF_HUB_OFFLINE) or env
+
+
+def resolve(name_or_path, revision=None, allow_patterns=None) -> Path:
+    """A local directory or file as is; a repo id its snapshot directory, "repo:filename" that file
+    in it. Downloaded: allow_patterns, by default hub_files of the repo's listing."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (EntryNotFoundError, HFValidationError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+    repo, filename = split_repo_file(name_or_path)
     try:
-        return Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=allow_patterns))
-    except (LocalEntryNotFoundError, RepositoryNotFoundError, HFValidationError, OSError) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        why = "not in the HF cache and HF_HUB_OFFLINE is set" if offline else type(e).__name__
-        raise CheckpointError(f"cannot find {name_or_path!r}: no such local path, and as a Hub repo: {why}") from None
+        if allow_patterns is None and not offline():  # offline: the cached snapshot as it is
+            names = HfApi().list_repo_files(repo, revision=revision)
+            allow_patterns = hub_files(names, repo, filename)
+        snapshot = Path(snapshot_download(repo, revision=revision, allow_patterns=allow_patterns))
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+            EntryNotFoundError, HFValidationError, OSError) as e:
+        why = "not in the HF cache and HF_HUB_OFFLINE is set" if offline() else type(e).__name__
+        what = f"{filename!r} in {repo!r}" if filename else repr(str(name_or_path))
+        raise CheckpointError(f"cannot find {what}: no such local path, and as a Hub repo: "
+                              f"{why}") from None
+    if filename is not None and not (snapshot / filename).is_file():
+        raise CheckpointError(f"{repo} (as cached) has no file {filename!r}")
+    return snapshot if filename is None else snapshot / filename
 
 
 def read_config(path: Path) -> dict | None:
@@ -56,11 +105,11 @@ def weight_files(path: Path) -> list[Path]:
         if missing:
             raise CheckpointError(f"{index} names shard {missing[0]!r}, which is not in {path}")
         return [path / s for s in shards]
-    for pattern in ("*.safetensors", "pytorch_model*.bin", "*.pth"):
+    for pattern in WEIGHT_ORDER:
         found = sorted(path.glob(pattern))
         if found:
             return found
-    raise CheckpointError(f"no weights in {path} (looked for *.safetensors, an index, pytorch_model.bin, *.pth)")
+    raise CheckpointError(f"no weights in {path} (looked for an index, {', '.join(WEIGHT_ORDER)})")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -133,7 +182,8 @@ class MissingTokenizer(Tokenizer):
 
 
 def load_tokenizer(name_or_path, revision=None, eos_id=None, filename="tokenizer.json") -> Tokenizer:
-    """tokenizer.json from a checkpoint directory, a file, or a Hub repo id (cache / offline aware)."""
+    """tokenizer.json from a checkpoint directory, a file, a Hub repo id or repo:FILENAME (cache /
+    offline aware)."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return Tokenizer.from_file(path, eos_id)
@@ -142,8 +192,10 @@ def load_tokenizer(name_or_path, revision=None, eos_id=None, filename="tokenizer
             raise CheckpointError(f"no {filename} in {path}")
         return Tokenizer.from_file(path / filename, eos_id)
     from huggingface_hub import hf_hub_download
+    repo, named = split_repo_file(str(name_or_path))  # repo:FILENAME names the file
     try:
-        return Tokenizer.from_file(hf_hub_download(str(name_or_path), filename, revision=revision), eos_id)
+        file = hf_hub_download(repo, named or filename, revision=revision)
+        return Tokenizer.from_file(file, eos_id)
     except Exception as e:  # offline, missing repo, missing file: one line that says which
         raise CheckpointError(f"cannot get {filename} from {name_or_path!r} ({type(e).__name__}); "
                               f"pass a local tokenizer.json with --tokenizer") from None

@@ -386,7 +386,8 @@ def from_pretrained(path, device="cpu", dtype=torch.float32, tokenizer=None):
     """A BlinkDL .pth (file, or a directory holding one) or an fla/HF directory -> (RWKV7 in eval mode, tokenizer)."""
     path = hub.resolve(path)
     if path.is_dir() and not list(path.glob("*.safetensors")) and len(list(path.glob("*.pth"))) > 1:
-        raise hub.CheckpointError(f"{path} holds several .pth files: pass the one to load")
+        raise hub.CheckpointError(f"{path} holds several .pth files: pass the one to load (a file "
+                                  f"path, or repo:FILENAME for a Hub repo)")
     config, sd = hub.read_config(path), hub.read_state_dict(path)
     if config is None:
         cfg, sd = RWKV7Config.from_blinkdl(sd), from_blinkdl(sd)
@@ -400,7 +401,8 @@ def from_pretrained(path, device="cpu", dtype=torch.float32, tokenizer=None):
         model = RWKV7(cfg)
     hub.check_tensors(sd, {n: p.shape for n, p in model.state_dict().items()}, str(path))
     model.load_state_dict(sd, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype).eval(), load_tokenizer(tokenizer or path)
+    tok = load_tokenizer(tokenizer or path, cfg.vocab_size)
+    return model.to(device=device, dtype=dtype).eval(), tok
 
 
 def save_pretrained(model: RWKV7, path, dtype=torch.float16):
@@ -464,11 +466,10 @@ class WorldTokenizer:
         return ids
 
     def decode(self, ids) -> str:
-        out = []
-        for i in map(int, ids):
-            if i != 0 and i not in self.id_to_bytes:
-                raise ValueError(f"token id {i} is not in the RWKV World vocabulary")
-            out.append(self.id_to_bytes[i] if i else b"<|endoftext|>")
+        """An id with no entry reads as "<id N>": the 65536-row head scores 65530..65535 too, and a
+        sampled or top-scoring id must not stop an experiment."""
+        out = [self.id_to_bytes.get(i, f"<id {i}>".encode()) if i else b"<|endoftext|>"
+               for i in map(int, ids)]
         return b"".join(out).decode("utf-8", errors="replace")
 
     @property
@@ -476,8 +477,26 @@ class WorldTokenizer:
         return max(self.id_to_bytes) + 1
 
 
-def load_tokenizer(source):
-    """A World vocab .txt or a tokenizer.json: the file, the directory holding it (or the checkpoint), a Hub repo id."""
+WORLD_ROWS = 65536  # embedding / head rows of World and G1 releases: 65529 vocabulary ids + padding
+
+
+def packaged_world_vocab() -> Path | None:
+    """The World vocabulary inside the `rwkv` pip wheel, if that package is installed."""
+    import importlib.util
+    spec = importlib.util.find_spec("rwkv")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    f = Path(spec.submodule_search_locations[0]) / WORLD_VOCAB
+    return f if f.is_file() else None
+
+
+def load_tokenizer(source, vocab_rows=None):
+    """A World vocab .txt or a tokenizer.json: the file, the directory holding it (or the
+    checkpoint), a Hub repo id, or repo:FILENAME. With nothing beside a checkpoint of WORLD_ROWS
+    rows, the `rwkv` wheel's World vocabulary."""
+    repo_file = hub.split_repo_file(str(source))[1]
+    if repo_file and not Path(source).exists():  # one file of a Hub repo
+        source = hub.resolve(str(source), allow_patterns=[repo_file])
     source = Path(source)
     if source.is_file() and source.suffix in (".txt", ".json"):
         return WorldTokenizer(source) if source.suffix == ".txt" else hub.load_tokenizer(source, eos_id=0)
@@ -488,5 +507,8 @@ def load_tokenizer(source):
         return WorldTokenizer(folder / WORLD_VOCAB)
     if (folder / "tokenizer.json").exists():  # Pile models: GPT-NeoX, <|endoftext|> = 0 as in the World vocab
         return hub.load_tokenizer(folder, eos_id=0)
-    raise hub.CheckpointError(f"no {WORLD_VOCAB} or tokenizer.json in {folder}: pass tokenizer=<file> "
-                              f"(the World vocabulary ships in the `rwkv` pip wheel)")
+    if vocab_rows == WORLD_ROWS and (packaged := packaged_world_vocab()):
+        return WorldTokenizer(packaged)
+    raise hub.CheckpointError(f"no {WORLD_VOCAB} or tokenizer.json in {folder}: pass --tokenizer "
+                              f"FILE (tokenizer= in load_model); the World vocabulary ships in the "
+                              f"`rwkv` pip wheel (rwkv/{WORLD_VOCAB})")

@@ -12,6 +12,9 @@ os.environ.setdefault("RWKV_V7_ON", "1")
 os.environ.setdefault("RWKV_CUDA_ON", "0")
 os.environ.setdefault("RWKV_JIT_ON", "0")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# fp32 parity tests compare to ~1e-5: TF32 (1e-3) stays off on CUDA whatever torch's defaults are
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+torch.set_float32_matmul_precision("highest")
 
 from helpers import block_gpu_kernels  # noqa: E402
 
