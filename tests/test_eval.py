@@ -184,7 +184,7 @@ def test_every_experiment_end_to_end(tiny, tmp_path):
     ev.write_report(tmp_path, res, {"model": "tiny", "arch": site.model.arch, "layer": site.layer,
                                     "head": site.head})
     md = (tmp_path / "report.md").read_text()
-    assert "| substitution win (all firings) |" in md and "| closed-form R² (ols" in md
+    assert "| substitution win (all firings) |" in md and "| closed-form R² (Eq. (1) as printed" in md
     assert json.loads((tmp_path / "report.json").read_text())["meta"]["arch"] == site.model.arch
 
 
