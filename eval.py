@@ -363,7 +363,7 @@ def exp_closed(site, blocks, scans, args):
     out the layers after the site (the direct path); 'exact' leaves out nothing else."""
     scale = torch.cat([sc["S_norm"] for sc in scans]).median().item()
     gen, hs, T, na = seeded(args, 1), args.cf_h, blocks.shape[1], len(args.eps)
-    E = torch.tensor(args.eps + [e * scale for e in args.eps_rel])           # [E] absolute ε of every row
+    E = torch.tensor(args.eps + [e * scale for e in args.eps_rel], dtype=F64)  # [E] absolute ε of each row
     eps = HEAD_NORM_EPS.get(site.model.arch, lambda c: 0.0)(site.model.config)
     dom = torch.cat([sc["codes"].argmax(-1)[sc["codes"].amax(-1) > 0] for sc in scans])
     counts = torch.bincount(dom.cpu(), minlength=site.dec_k.shape[0])
@@ -703,8 +703,10 @@ def crossing(mu, var, pi):
     (m1, m2), (v1, v2), (w1, w2) = mu, var, pi
     a, b = 1 / v2 - 1 / v1, 2 * (m1 / v1 - m2 / v2)
     c = m2 ** 2 / v2 - m1 ** 2 / v1 + math.log(v2 / v1) - 2 * math.log(w2 / w1)
-    roots = [-c / b] if abs(a) < 1e-12 * max(1 / v1, 1 / v2) else \
-        [(-b + s * math.sqrt(b * b - 4 * a * c)) / (2 * a) for s in (1, -1)] if b * b >= 4 * a * c else []
+    if abs(a) < 1e-12 * max(1 / v1, 1 / v2):  # equal variances: one linear root (none if the means agree)
+        roots = [-c / b] if b else []
+    else:
+        roots = [(-b + s * math.sqrt(b * b - 4 * a * c)) / (2 * a) for s in (1, -1)] if b * b >= 4 * a * c else []
     return next((r for r in roots if min(m1, m2) <= r <= max(m1, m2)), float("nan"))
 
 def partition_of(site, scans, kind, args):
