@@ -304,105 +304,121 @@ def exp_subst(site, blocks, scans, args):
 
 # ==== Experiment 2: the closed-form logit shift (§2, App. A) ====
 
-PREDICTORS = ("eq1", "eq1+gain", "exact")  # as printed; + the norms' local gains; + the exact transport
+PREDICTORS = ("eq1", "eq1+gain", "exact")  # as printed; + the norms' local gains; + exact transport
 CF_HEADLINE = "eq1"                        # the predictor whose points closed["points"] holds
-PAPER_FIT_NOTE = ("App. A fits one G per (prompt, atom, token) by least squares over the ε grid. That scalar "
-                  "absorbs all of the prediction's variation across prompts, and R² is taken across prompts, so "
-                  "it tests only that Δℓ is linear in ε: any first-order effect scores near 1, whatever the "
-                  "formula predicts for each prompt.")
+PAPER_FIT_NOTE = (
+    "App. A fits one G per (prompt, atom, token) by least squares over the ε grid. That scalar "
+    "absorbs all of the prediction's variation across prompts, and R² is taken across prompts, "
+    "so it tests only that Δℓ is linear in ε: any first-order effect scores near 1, whatever the "
+    "formula predicts for each prompt.")
 
 def eq1_predictions(dk, dv, w, t0, hs, W_O, W_U_tok):
-    """Eq. (1) as printed, per unit ε, at t0 + h (h in hs): Δℓ_tok = G ⟨dec_k, q̃_t⟩ ⟨W_O dec_v, W_U[tok]⟩ with
-    G = Π_{s=t0+1}^{t} decay_s, no head-norm gain and the raw W_U rows (no final norm). It reads only the writes'
-    decay and query. dk [A,r,K], dv [A,r,V]; W_U_tok [A,n_tok,D].  -> [A,Hn,n_tok]"""
+    """Eq. (1) as printed, per unit ε, at t0 + h (h in hs):
+    Δℓ_tok = G ⟨dec_k, q̃_t⟩ ⟨W_O dec_v, W_U[tok]⟩ with G = Π_{s=t0+1}^{t} decay_s, no head-norm gain
+    and the raw W_U rows (no final norm). It reads only the writes' decay and query.
+    dk [A,r,K], dv [A,r,V]; W_U_tok [A,n_tok,D].  -> [A,Hn,n_tok]"""
     key, out = dk.clone(), []
     for s in range(t0, t0 + max(hs) + 1):
         if s > t0:
-            key = w["decay"][s][None, None] * key                             # G·dec_k  [A,r,K]
-        if s - t0 in hs:                                                      # Eq. (1)
+            key = w["decay"][s][None, None] * key                   # G·dec_k  [A,r,K]
+        if s - t0 in hs:                                            # Eq. (1)
             ones = torch.ones_like(w["gain"][s])
             out.append(logit_shift_prediction(1.0, key, w["query"][s], ones, dv, W_O, W_U_tok))
     return torch.stack(out, 1)
 
 def paper_fit(y, f):
-    """App. A's 'empirical G': one scalar per (prompt, atom, token, h), least squares over the ε axis (dim 2):
-    G = Σ_ε y f / Σ_ε f², returned as G·f. y, f [P,A,E,Hn,n_tok]. See PAPER_FIT_NOTE."""
+    """App. A's 'empirical G': one scalar per (prompt, atom, token, h) by least squares over the
+    ε axis (dim 2), G = Σ_ε y f / Σ_ε f², returned as G·f. y, f [P,A,E,Hn,n_tok]. PAPER_FIT_NOTE
+    says why it scores high."""
     return f * (y * f).sum(2, keepdim=True) / (f * f).sum(2, keepdim=True).clamp_min(1e-300)
 
+def cf_summary(c, small):
+    """Summaries of a grid of R² cells c [A,E]; small [E] the cells pooled into the headline."""
+    some = bool(small.any())
+    return {"median_small": c[:, small].nanmedian().item() if some else float("nan"),
+            "median_cell": c.nanmedian().item(),
+            "median_per_atom": c[:, small].nanmedian(1).values.tolist() if some else [],
+            "median_by_eps": c.nanmedian(0).values.tolist(),
+            "frac_cells_gt_0.95": (c > 0.95).float().mean().item()}
+
 def cf_cells(y, preds, small, hs):
-    """R² across prompts per (atom, ε) cell: each predictor with no fitted parameter and with one OLS slope
-    (+ intercept) per cell, and the paper's per-triple fit of eq1. y, preds[name] [P,A,E,Hn,n_tok]; small [E] the
-    cells pooled into the headline (ε small against ‖S‖).  -> {h: {kind: summary}}"""
+    """R² across prompts per (atom, ε) cell: each predictor with no fitted parameter and with one
+    OLS slope (+ intercept) per cell, and the paper's per-triple fit of eq1.
+    y, preds[name] [P,A,E,Hn,n_tok]; small [E].  -> {h: {kind: summary}}"""
     A, nE = y.shape[1:3]
-    grid = lambda fn, p, j, k=0: torch.tensor([[fn(y[:, a, e, j, k], p[:, a, e, j, k])  # noqa: E731  [A,E]
-                                                 for e in range(nE)] for a in range(A)])
-    fits = {k: v for name, p in preds.items() for k, v in ((name, (r2, p)), (name + "_ols", (ols_r2, p)))}
+
+    def grid(fn, p, j, k=0):  # [A,E]
+        return torch.tensor([[fn(y[:, a, e, j, k], p[:, a, e, j, k]) for e in range(nE)]
+                             for a in range(A)])
+    fits = {k: v for name, p in preds.items()
+            for k, v in ((name, (r2, p)), (name + "_ols", (ols_r2, p)))}
     fits["paper_fit"] = (r2, paper_fit(y, preds["eq1"]))
     out = {}
     for j, h in enumerate(hs):
-        out[h] = {}
-        for kind, (fn, p) in fits.items():
-            if p[..., j, 0].isfinite().all():
-                c = grid(fn, p, j)
-                out[h][kind] = {"median_small": c[:, small].nanmedian().item() if small.any() else float("nan"),
-                                "median_cell": c.nanmedian().item(),
-                                "median_per_atom": c[:, small].nanmedian(1).values.tolist() if small.any() else [],
-                                "median_by_eps": c.nanmedian(0).values.tolist(),
-                                "frac_cells_gt_0.95": (c > 0.95).float().mean().item()}
+        out[h] = {kind: cf_summary(grid(fn, p, j), small) for kind, (fn, p) in fits.items()
+                  if p[..., j, 0].isfinite().all()}
         agree = y[..., j, 0].sign() == preds["eq1"][..., j, 0].sign()
         out[h].update({"sign_agreement": agree.double().mean().item(), "n_sign": agree.numel(),
                        "sign_agreement_ci": wilson(int(agree.sum()), agree.numel()),
-                       "eq1+gain_ols_by_token_rank": [grid(ols_r2, preds["eq1+gain"], j, k).nanmedian().item()
-                                                      for k in range(y.shape[-1])]})
+                       "eq1+gain_ols_by_token_rank": [
+                           grid(ols_r2, preds["eq1+gain"], j, k).nanmedian().item()
+                           for k in range(y.shape[-1])]})
     return out
 
 def exp_closed(site, blocks, scans, args):
-    """Add ε·A_i at t0, measure Δℓ at t0 + h on each atom's top direct-path tokens and compare with the
-    PREDICTORS across prompts per (atom, ε) cell. ε on two grids: absolute (the paper's: S_t0 + ε v wᵀ with unit
-    factors, Table 9's values; the headline) and relative (× the median held-out ‖S_t‖_F). All predictors leave
-    out the layers after the site (the direct path); 'exact' leaves out nothing else."""
+    """Add ε·A_i at t0, measure Δℓ at t0 + h on each atom's top direct-path tokens, and compare with
+    the PREDICTORS across prompts per (atom, ε) cell. ε on two grids: absolute (the paper's units,
+    S_t0 + ε v wᵀ with unit factors, Table 9's values; the headline) and relative (× the median
+    held-out ‖S_t‖_F). All predictors leave out the layers after the site (the direct path)."""
     scale = torch.cat([sc["S_norm"] for sc in scans]).median().item()
     gen, hs, T, na = seeded(args, 1), args.cf_h, blocks.shape[1], len(args.eps)
-    E = torch.tensor(args.eps + [e * scale for e in args.eps_rel], dtype=F64)  # [E] absolute ε of each row
+    E = torch.tensor(args.eps + [e * scale for e in args.eps_rel], dtype=F64)  # [E] absolute ε
     eps = HEAD_NORM_EPS.get(site.model.arch, lambda c: 0.0)(site.model.config)
     dom = torch.cat([sc["codes"].argmax(-1)[sc["codes"].amax(-1) > 0] for sc in scans])
     counts = torch.bincount(dom.cpu(), minlength=site.dec_k.shape[0])
     atoms = counts.topk(min(args.cf_atoms, int((counts > 0).sum()))).indices.to(site.dec_k.device)
-    dk, dv = site.dec_k[atoms], site.dec_v[atoms]                             # [A,r,K], [A,r,V]
-    toks = ((dv.sum(1) @ site.W_O.T) @ site.W_U.T).abs().topk(args.cf_tokens, -1).indices  # [A,n_tok]
+    dk, dv = site.dec_k[atoms], site.dec_v[atoms]                   # [A,r,K], [A,r,V]
+    toks = ((dv.sum(1) @ site.W_O.T) @ site.W_U.T).abs().topk(args.cf_tokens, -1).indices  # [A,n]
     A, n_e, Hmax = len(atoms), len(E), max(hs)
     if T < Hmax + 2:
         raise ValueError(f"blocks of {T} tokens are too short for a horizon of {Hmax}")
-    points = sample([(b, t) for b in range(len(blocks)) for t in range(1, T - Hmax)], args.cf_prompts, gen)
+    points = sample([(b, t) for b in range(len(blocks)) for t in range(1, T - Hmax)],
+                    args.cf_prompts, gen)
     meas, pred = [], []
-    rows_fn = lambda b, t0: [[]] + [[edit(site, t0, "add", (e * dk[a], dv[a]))] for a in range(A)  # noqa: E731
-                                    for e in E.tolist()]
+    rows_fn = lambda b, t0: [[]] + [[edit(site, t0, "add", (e * dk[a], dv[a]))]  # noqa: E731
+                                    for a in range(A) for e in E.tolist()]
     for b, t0, logits in branches(site, blocks, points, rows_fn, Hmax, "closed form"):
         d = (logits[1:] - logits[:1]).float().view(A, n_e, Hmax + 1, -1)[:, :, hs]  # [A,E,Hn,vocab]
         meas.append(torch.stack([d[a][..., toks[a]] for a in range(A)]))      # [A,E,Hn,n_tok]
-        g, x = shift_predictions(site.model.arch, dk, dv, scans[b]["w"], t0, hs,
-                                 lambda s: unembed(site, scans[b], s, toks), scans[b]["read"], site.W_O, eps)
-        e1 = eq1_predictions(dk, dv, scans[b]["w"], t0, hs, site.W_O, site.W_U[toks])
-        pred.append(torch.stack([e1, g, x]))                                  # [3,A,Hn,n_tok] per unit ε
-    y, u = torch.stack(meas).cpu().double(), torch.stack(pred).cpu().double()  # [P,A,E,Hn,n_tok], [P,3,A,Hn,n]
-    preds = {n: u[:, j, :, None] * E.double()[None, None, :, None, None] for j, n in enumerate(PREDICTORS)}
+        w = scans[b]["w"]
+        g, x = shift_predictions(site.model.arch, dk, dv, w, t0, hs,
+                                 lambda s: unembed(site, scans[b], s, toks), scans[b]["read"],
+                                 site.W_O, eps)
+        e1 = eq1_predictions(dk, dv, w, t0, hs, site.W_O, site.W_U[toks])
+        pred.append(torch.stack([e1, g, x]))                        # [3,A,Hn,n_tok] per unit ε
+    y = torch.stack(meas).cpu().double()                            # [P,A,E,Hn,n_tok]
+    u = torch.stack(pred).cpu().double()                            # [P,3,A,Hn,n_tok]
+    preds = {n: u[:, j, :, None] * E[None, None, :, None, None] for j, n in enumerate(PREDICTORS)}
     small = E <= args.cf_small * scale
-    if not small[:na].any():  # no absolute ε is small against this model's states: pool the smallest
+    if not small[:na].any():  # no absolute ε is small against this model's states: the smallest
         small[int(E[:na].argmin())] = True
-    res = {"atoms": atoms.tolist(), "tokens": toks.tolist(), "eps": args.eps, "eps_rel": args.eps_rel,
-           "state_norm_median": scale, "eps_unit": "absolute: S_t0 + ε·v wᵀ with unit-norm factors (App. A); "
-           f"relative: ε·{scale:.4g} (the median held-out ‖S_t‖_F)", "prompts": len(meas),
-           "pooled_eps": E[:na][small[:na]].tolist(), "pooled_rule": f"absolute ε ≤ {args.cf_small:g}·median "
-           "‖S_t‖_F (the smallest ε when none is)", "headline_h": next((h for h in hs if h >= 1), hs[0]),
-           "paper_fit_note": PAPER_FIT_NOTE,
-           "by_h": cf_cells(y[:, :, :na], {n: p[:, :, :na] for n, p in preds.items()}, small[:na], hs),
-           "relative": cf_cells(y[:, :, na:], {n: p[:, :, na:] for n, p in preds.items()}, small[na:], hs)}
-    res["points"] = cf_points(y[:, :, :na], preds[CF_HEADLINE][:, :, :na], small[:na], res["pooled_eps"], hs,
-                              gen)
+    part = lambda sl: ({n: p[:, :, sl] for n, p in preds.items()}, small[sl], hs)  # noqa: E731
+    res = {"atoms": atoms.tolist(), "tokens": toks.tolist(), "eps": args.eps,
+           "eps_rel": args.eps_rel, "state_norm_median": scale, "prompts": len(meas),
+           "eps_unit": "absolute: S_t0 + ε·v wᵀ with unit-norm factors (App. A); relative: "
+                       f"ε·{scale:.4g} (the median held-out ‖S_t‖_F)",
+           "pooled_eps": E[:na][small[:na]].tolist(),
+           "pooled_rule": f"absolute ε ≤ {args.cf_small:g}·median ‖S_t‖_F (else the smallest ε)",
+           "headline_h": next((h for h in hs if h >= 1), hs[0]), "paper_fit_note": PAPER_FIT_NOTE,
+           "by_h": cf_cells(y[:, :, :na], *part(slice(0, na))),
+           "relative": cf_cells(y[:, :, na:], *part(slice(na, None)))}
+    res["points"] = cf_points(y[:, :, :na], preds[CF_HEADLINE][:, :, :na], small[:na],
+                              res["pooled_eps"], hs, gen)
     return res
 
 def cf_points(y, f, small, pooled_eps, hs, gen, cap=5000):
-    """closed["points"]: measured vs predicted Δℓ of the rank-1 eval token at the pooled ε, pooled over atoms."""
+    """closed["points"]: measured vs predicted Δℓ of the rank-1 eval token at the pooled ε, pooled
+    over atoms and prompts (≤ cap, subsampled with gen)."""
     pts = {}
     for j, h in enumerate(hs):
         m, p = y[:, :, small, j, 0].flatten(), f[:, :, small, j, 0].flatten()
@@ -415,14 +431,15 @@ def cf_points(y, f, small, pooled_eps, hs, gen, cap=5000):
 # ==== Experiment 3: cache edits (§4, App. I) ====
 
 def random_like(k, v, gen):
-    """A Gaussian rank-r matrix with the Frobenius norm of k ⊗ v, drawn from gen (CPU): factors [r,K], [r,V]."""
+    """A Gaussian rank-r matrix with the Frobenius norm of k ⊗ v, drawn from gen (CPU).
+    -> factors [r,K], [r,V]"""
     rk, rv = torch.randn(k.shape, generator=gen).to(k), torch.randn(v.shape, generator=gen).to(v)
     return rk * frob(k, v) / frob(rk, rv).clamp_min(1e-30), rv
 
 def halves_by_passage(blocks_of, gen):
-    """Split firings into two halves by passage (firings of one passage share context, so a token chosen on one
-    passage is not tested on it): passages in a random order, each to the half with fewer firings so far. With a
-    single passage, alternate firings.  blocks_of [n] -> half [n] in {0, 1}"""
+    """Two halves of the firings by passage (firings of one passage share context, so a token chosen
+    on a passage is never tested on it): passages in a random order, each to the half with fewer
+    firings so far; with a single passage, alternate firings.  blocks_of [n] -> half [n] in {0, 1}"""
     ids, cnt = blocks_of.unique(return_counts=True)
     if len(ids) < 2:
         return torch.arange(len(blocks_of)) % 2
@@ -438,86 +455,100 @@ def preferred_token(base, cond, fit):
     return int((base[fit] - cond[fit]).sum(0).argmax())
 
 def erase_test(base, cond, half, cross_fit=True):
-    """Δ log p = log p_cond − log p_base of the preferred token at each firing. cross_fit: a firing's token is
-    chosen on the other half; else on all firings, the ones it is then tested on (in-sample: the argmax over the
-    vocabulary of the same noise it is tested on, so even a null edit tests significant). -> d [n], token [n]"""
+    """Δ log p = log p_cond − log p_base of the preferred token at each firing. cross_fit: a firing's
+    token is chosen on the other half; else on all firings, the ones it is then tested on (in-sample:
+    the argmax over the vocabulary of the noise it is tested on, so even a null edit can pass).
+    -> d [n], token [n]"""
     if cross_fit:
         tok = torch.tensor([preferred_token(base, cond, half != g) for g in (0, 1)])[half]
     else:
-        tok = torch.full((len(base),), preferred_token(base, cond, torch.ones(len(base), dtype=torch.bool)))
+        every = torch.ones(len(base), dtype=torch.bool)
+        tok = torch.full((len(base),), preferred_token(base, cond, every))
     return (cond - base).gather(1, tok[:, None])[:, 0], tok
 
 def erase_summary(base, cond, half, args, cross_fit=True):
     d, tok = erase_test(base, cond, half, cross_fit)
     rank = lambda lp: (lp > lp.gather(1, tok[:, None])).sum(1).double().median().item()  # noqa: E731
-    return {"n": len(d), "median": d.median().item(), "median_ci": bootstrap_ci(d, "median", args.boot, args.seed),
-            "mean": d.mean().item(), "wilcoxon_p": sign_stats(d)["wilcoxon_p"], "tokens": tok.unique().tolist(),
+    return {"n": len(d), "median": d.median().item(), "mean": d.mean().item(),
+            "median_ci": bootstrap_ci(d, "median", args.boot, args.seed),
+            "wilcoxon_p": sign_stats(d)["wilcoxon_p"], "tokens": tok.unique().tolist(),
             "rank_native": rank(base), "rank_patched": rank(cond)}
 
 ERASE_ROWS = ("delete", "atom_term", "null")  # the edits at each firing, after the unedited row
 
 def exp_erase(site, blocks, scans, args):
-    """At the atom's firings t: delete the native write (App. I.4, primary), remove a_i(t)·A_i (secondary), or
-    remove a random rank-r matrix of ‖a_i(t)·A_i‖ drawn per firing (the null control); Δ log p of the preferred
-    token at t + 1 (the next read after the edited write), the token chosen on the other half of the passages.
-    Non-firing control: + m·a*·A_i at positions where a_i = 0, tested on the token chosen on all firings."""
-    gen, mult, T = seeded(args, 2), (1.0, 2.0, 4.0), blocks.shape[1]
-    i = args.erase_atom if args.erase_atom >= 0 else int(sum((sc["codes"] > 0).sum(0) for sc in scans).argmax())
-    ai = torch.stack([sc["codes"][:T - 1, i] for sc in scans]).cpu()         # [blocks,T−1] with a next token
+    """At the atom's firings t: delete the native write (App. I.4; primary), remove a_i(t)·A_i
+    (secondary), or remove a random rank-r matrix of norm ‖a_i(t)·A_i‖ drawn per firing (the null
+    control). Δ log p of the preferred token at t + 1 (the read after the edited write), the token
+    chosen on the other half of the passages. Non-firing control: + m·a*·A_i where a_i = 0."""
+    gen, T = seeded(args, 2), blocks.shape[1]
+    i = args.erase_atom if args.erase_atom >= 0 else \
+        int(sum((sc["codes"] > 0).sum(0) for sc in scans).argmax())
+    ai = torch.stack([sc["codes"][:T - 1, i] for sc in scans]).cpu()   # [blocks,T−1] (a next token)
     on, off = (sample(m.nonzero().tolist(), args.erase_n, gen) for m in (ai > 0, ai == 0))
     if len(on) < 2:
-        raise ValueError(f"atom {i} fires {len(on)} times on the held-out blocks: erasure needs at least 2")
-    a_star, dk, dv = ai[ai > 0].median(), site.dec_k[i], site.dec_v[i]       # a*: the median natural activation
+        raise ValueError(f"atom {i} fires {len(on)} times on the held-out blocks: erasure needs 2")
+    a_star, dk, dv = ai[ai > 0].median(), site.dec_k[i], site.dec_v[i]  # a*: median activation
 
     def rows_fn(b, t):
-        term = (ai[b, t] * dk, dv)                                            # a_i(t)·A_i
-        rk, rv = random_like(*term, gen)
-        return [[], [edit(site, t, "delete")], [edit(site, t, "add", (-term[0], dv))],
+        rk, rv = random_like(ai[b, t] * dk, dv, gen)                # ‖·‖ = ‖a_i(t)·A_i‖
+        return [[], [edit(site, t, "delete")], [edit(site, t, "add", (-ai[b, t] * dk, dv))],
                 [edit(site, t, "add", (-rk, rv))]]
-    lp = torch.stack([logits[:, 1].float().log_softmax(-1).cpu()              # [n,4,vocab] at t + 1
+    lp = torch.stack([logits[:, 1].float().log_softmax(-1).cpu()    # [n,4,vocab] at t + 1
                       for _, _, logits in branches(site, blocks, on, rows_fn, 1, "erase")])
     half = halves_by_passage(torch.tensor([b for b, _ in on]), gen)
-    res = {"atom": i, "a_star": a_star.item(), "n": len(on), "position": "t + 1 (the read after the edited write)",
-           "selection": "cross-fit: each firing's preferred token is chosen on the other half of the passages",
-           **{name: erase_summary(lp[:, 0], lp[:, j], half, args) for j, name in enumerate(ERASE_ROWS, 1)}}
+    res = {"atom": i, "a_star": a_star.item(), "n": len(on),
+           "position": "t + 1 (the read after the edited write)",
+           "selection": "cross-fit: a firing's preferred token is chosen on the other half of the "
+                        "passages",
+           **{name: erase_summary(lp[:, 0], lp[:, j], half, args)
+              for j, name in enumerate(ERASE_ROWS, 1)}}
     null = res.pop("null")
     res["null_control"] = {"p": null["wilcoxon_p"], **null}
     res["in_sample"] = {name: erase_summary(lp[:, 0], lp[:, j], half, args, cross_fit=False)
                         for j, name in enumerate(ERASE_ROWS, 1)}
     pref = preferred_token(lp[:, 0], lp[:, 1], torch.ones(len(on), dtype=torch.bool))
-    res.update(preferred_token=pref, preferred_text=safe_decode(site.tok, [pref]))
-    ctrl = []
-    for _, _, logits in branches(site, blocks, off, lambda b, t: [[]] + [[edit(site, t, "add", (m * a_star * dk, dv))]
-                                                                        for m in mult], 1, "erase control"):
-        x = logits[:, 1].float().log_softmax(-1)[:, pref]
-        ctrl.append((x[1:] - x[0]).cpu())
-    ctrl = torch.stack(ctrl) if ctrl else torch.zeros(0, len(mult))          # [n,3]
-    res["control"] = {f"{m:g}x": {"n": len(ctrl), "median": ctrl[:, j].median().item(),
-                                  "median_ci": bootstrap_ci(ctrl[:, j], "median", args.boot, args.seed),
-                                  "wilcoxon_p": sign_stats(ctrl[:, j])["wilcoxon_p"]}
-                      for j, m in enumerate(mult) if len(ctrl)}
-    unit, e = "Δ log p (nats)", [("delete the write", res["delete"]), ("remove a_i·A_i", res["atom_term"]),
-                                 ("null: remove a random rank-r", res["null_control"])]
+    res.update(preferred_token=pref, preferred_text=safe_decode(site.tok, [pref]),
+               control=erase_control(site, blocks, off, pref, a_star * dk, dv, args))
+    e = [("delete the write", res["delete"]), ("remove a_i·A_i", res["atom_term"]),
+         ("null: remove a random rank-r", res["null_control"])]
     e += [(f"non-firing + {m} a*·A_i", c) for m, c in res["control"].items()]
-    res["effects"] = [{"name": n, "value": c["median"], "ci": list(c["median_ci"]), "n": c["n"], "unit": unit}
-                      for n, c in e]
+    res["effects"] = [{"name": n, "value": c["median"], "ci": list(c["median_ci"]), "n": c["n"],
+                       "unit": "Δ log p (nats)"} for n, c in e]
     return res
 
+def erase_control(site, blocks, off, pref, k, v, args, mult=(1.0, 2.0, 4.0)):
+    """App. I.4's non-firing control: + m·a*·A_i (k ⊗ v = a*·A_i) at positions where the atom is
+    silent; Δ log p at t + 1 of the token preferred on all firings (none of these positions)."""
+    rows_fn = lambda b, t: [[]] + [[edit(site, t, "add", (m * k, v))] for m in mult]  # noqa: E731
+    ctrl = []
+    for _, _, logits in branches(site, blocks, off, rows_fn, 1, "erase control"):
+        x = logits[:, 1].float().log_softmax(-1)[:, pref]
+        ctrl.append((x[1:] - x[0]).cpu())
+    ctrl = torch.stack(ctrl) if ctrl else torch.zeros(0, len(mult))  # [n,3]
+    return {f"{m:g}x": {"n": len(ctrl), "median": ctrl[:, j].median().item(),
+                        "median_ci": bootstrap_ci(ctrl[:, j], "median", args.boot, args.seed),
+                        "wilcoxon_p": sign_stats(ctrl[:, j])["wilcoxon_p"]}
+            for j, m in enumerate(mult) if len(ctrl)}
+
 def fit_stats(y, f):
-    """Sign agreement (Wilson CI), Pearson r, median measured/predicted ratio, pooled R² with no fit."""
+    """Sign agreement (Wilson CI), Pearson r, median measured/predicted ratio, pooled R² (no fit)."""
     agree = int((y.sign() == f.sign()).sum())
     return {"sign_agreement": agree / len(y), "ci": wilson(agree, len(y)),
-            "pearson_r": torch.corrcoef(torch.stack([y, f]))[0, 1].item(), "median_ratio": (y / f).median().item(),
-            "pooled_r2": r2(y, f)}
+            "pearson_r": torch.corrcoef(torch.stack([y, f]))[0, 1].item(),
+            "median_ratio": (y / f).median().item(), "pooled_r2": r2(y, f)}
 
 def exp_sign(site, blocks, scans, args):
-    """Write ‖k_s v_sᵀ‖·k̂_s v*_Tᵀ at one position s; does Δℓ_T at s + 1 (the next read, primary) and at s (the
-    read at s already sees the edit) have the sign of Eq. (1)? Predicted by eq1 (the paper's rule: the sign of
-    G⟨k̂_s, q̃⟩, since ⟨W_O v*_T, W_U[T]⟩ > 0), eq1+gain and exact."""
+    """Write ‖k_s v_sᵀ‖·k̂_s v*_Tᵀ at one position s: does Δℓ_T at s + 1 (the next read; primary)
+    and at s (whose read already sees the edit) have the sign of Eq. (1)? Predicted by eq1 (the
+    paper's rule: the sign of G⟨k̂_s, q̃⟩, as ⟨W_O v*_T, W_U[T]⟩ > 0), eq1+gain and exact."""
     gen, n_tok, T = seeded(args, 3), args.sign_targets, blocks.shape[1]
-    pts = sample([(b, s) for b in range(len(blocks)) for s in range(T - 1)], -(-args.sign_n // n_tok), gen)
-    targets = {p: torch.randint(site.W_U.shape[0], (n_tok,), generator=gen).to(site.W_U.device) for p in pts}
-    kv = lambda b, s: install_factors(scans[b]["w"], s, install_direction(site.W_O, site.W_U[targets[b, s]]))  # noqa
+    pts = sample([(b, s) for b in range(len(blocks)) for s in range(T - 1)],
+                 -(-args.sign_n // n_tok), gen)
+    targets = {p: torch.randint(site.W_U.shape[0], (n_tok,), generator=gen).to(site.W_U.device)
+               for p in pts}
+    kv = lambda b, s: install_factors(  # noqa: E731
+        scans[b]["w"], s, install_direction(site.W_O, site.W_U[targets[b, s]]))
     eps = HEAD_NORM_EPS.get(site.model.arch, lambda c: 0.0)(site.model.config)
 
     def rows_fn(b, s):  # the base row, then one row per target: k [1,K] ⊗ v*_T [1,V]
@@ -527,14 +558,16 @@ def exp_sign(site, blocks, scans, args):
     meas, pred = [], []
     for b, s, logits in branches(site, blocks, pts, rows_fn, 1, "sign test"):
         Tk, w, (k, v) = targets[b, s], scans[b]["w"], kv(b, s)
-        lg = logits.float()                                                   # [1+n_tok,2,vocab]
-        meas.append((lg[1:].gather(-1, Tk[:, None, None].expand(-1, 2, 1))[..., 0] - lg[0][:, Tk].T).cpu())
-        key, val = k.expand(n_tok, 1, -1), v[:, None]                         # [n_tok,1,K], [n_tok,1,V]
+        lg = logits.float()                                         # [1+n_tok,2,vocab]
+        hit = lg[1:].gather(-1, Tk[:, None, None].expand(-1, 2, 1))[..., 0]  # [n_tok,2]
+        meas.append((hit - lg[0][:, Tk].T).cpu())
+        key, val = k.expand(n_tok, 1, -1), v[:, None]               # [n_tok,1,K], [n_tok,1,V]
         g, x = shift_predictions(site.model.arch, key, val, w, s, [0, 1],
-                                 lambda t: unembed(site, scans[b], t, Tk)[:, None], scans[b]["read"], site.W_O, eps)
+                                 lambda t: unembed(site, scans[b], t, Tk)[:, None],
+                                 scans[b]["read"], site.W_O, eps)
         e1 = eq1_predictions(key, val, w, s, [0, 1], site.W_O, site.W_U[Tk][:, None])
-        pred.append(torch.stack([e1, g, x])[..., 0].cpu())                    # [3,n_tok,2]
-    y, f = torch.cat(meas).double(), torch.cat(pred, 1).double()              # [n,2], [3,n,2]
+        pred.append(torch.stack([e1, g, x])[..., 0].cpu())          # [3,n_tok,2]
+    y, f = torch.cat(meas).double(), torch.cat(pred, 1).double()    # [n,2], [3,n,2]
     res = {"n": len(y), "position": "s + 1 (primary) and s", "targets": "uniform over the vocabulary"}
     for j, pos in enumerate(("s", "s+1")):
         res[pos] = {name: fit_stats(y[:, j], f[p, :, j]) for p, name in enumerate(PREDICTORS)
@@ -542,96 +575,111 @@ def exp_sign(site, blocks, scans, args):
     res.update(sign_agreement=res["s+1"]["eq1"]["sign_agreement"], ci=res["s+1"]["eq1"]["ci"])
     return res
 
-STRATA = ("frequent", "100-1000", "rare", "semantic")  # App. I.6's target classes, in Table 21's order
-OUT_OF_CONTEXT = 1000  # initial rank from which a target is out of context: the strata beyond the 100–1000 one
+STRATA = ("frequent", "100-1000", "rare", "semantic")  # App. I.6's target classes (Table 21's order)
+OUT_OF_CONTEXT = 1000  # the initial rank from which a target is out of context (beyond 100–1000)
 
 def target_masks(site, blocks):
-    """Per-vocabulary masks for the strata that do not depend on the context: frequent (the 5% most frequent
-    ids of the held-out blocks), rare (seen at most once there), word (a space, then ≥ 3 letters: a whole word)."""
+    """Per-vocabulary masks of the rules that do not depend on the context: frequent (the 5% most
+    frequent ids of the held-out blocks), rare (seen at most once there), word (a space, then ≥ 3
+    letters: a whole word)."""
     n = site.W_U.shape[0]
     counts = torch.bincount(blocks.flatten().cpu(), minlength=n)
     texts = [safe_decode(site.tok, [j]) for j in range(n)]
-    word = torch.tensor([s is not None and len(s) > 3 and s[0] == " " and s[1:].isalpha() for s in texts])
+    word = torch.tensor([s is not None and len(s) > 3 and s[0] == " " and s[1:].isalpha()
+                         for s in texts])
     return {"frequent": counts >= counts.float().quantile(0.95).clamp_min(1), "rare": counts <= 1,
             "word": word, "texts": texts}
 
 def install_targets(masks, order, prompt_text, n, gen):
-    """n targets per stratum at one context; order = token ids by descending unedited next-token probability.
-    100-1000: initial rank in [100, 1000); the others out of context (rank ≥ OUT_OF_CONTEXT) and: frequent,
-    rare, or semantic = a whole word that does not occur in the prompt (case-folded)."""
+    """n targets per stratum at one context; order = ids by descending unedited next-token
+    probability. 100-1000: initial rank in [100, 1000); the others out of context (rank ≥
+    OUT_OF_CONTEXT) and frequent, rare, or semantic (a whole word not in the prompt, case-folded).
+    -> [(stratum index, id)]"""
     rank = torch.empty_like(order)
     rank[order] = torch.arange(len(order), device=order.device)
     rank, low = rank.cpu(), (prompt_text or "").lower()
     out_ctx = rank >= OUT_OF_CONTEXT
-    semantic = masks["word"] & out_ctx
-    semantic &= torch.tensor([not (s and s[1:].lower() in low) for s in masks["texts"]])
+    unseen = torch.tensor([not (s and s[1:].lower() in low) for s in masks["texts"]])
     pools = {"frequent": masks["frequent"] & out_ctx, "100-1000": (rank >= 100) & (rank < 1000),
-             "rare": masks["rare"] & out_ctx, "semantic": semantic}
-    return [(j, T) for j, name in enumerate(STRATA) for T in sample(pools[name].nonzero().flatten().tolist(), n, gen)]
+             "rare": masks["rare"] & out_ctx, "semantic": masks["word"] & out_ctx & unseen}
+    return [(j, T) for j, name in enumerate(STRATA)
+            for T in sample(pools[name].nonzero().flatten().tolist(), n, gen)]
 
 def install_edits(site, sc, P, T, m, row=None):
     """Add m·‖k_s v_sᵀ‖·k̂_s v*_Tᵀ at the three positions before P (App. I.6), in batch row `row`."""
-    v = install_direction(site.W_O, site.W_U[T])[None]                        # [1,V]
-    return [edit(site, s, "add", install_factors(sc["w"], s, v, m), batch=row) for s in range(P - 3, P)]
+    v = install_direction(site.W_O, site.W_U[T])[None]              # [1,V]
+    return [edit(site, s, "add", install_factors(sc["w"], s, v, m), batch=row)
+            for s in range(P - 3, P)]
 
 @torch.no_grad()
 def install_trials(site, block, sc, P, masks, cache, args, gen):
-    """The trials of one context block[:P] from cache (the prefix up to P − 3): (stratum, m, in edited, in native,
-    first-step lift, rank shift) per target and m."""
+    """The trials of one context block[:P], from cache (the prefix up to P − 3): (stratum, m,
+    T in edited, T in native, first-step lift, rank shift) per target and m."""
     x3 = block[None, P - 3:P]
-    order = site.model(x3, cache=cache, logits="last").logits[0, -1].float().argsort(descending=True)
-    rows = [(j, T, m) for j, T in install_targets(masks, order, safe_decode(site.tok, block[:P].tolist()),
-                                                  args.install_targets, gen) for m in args.install_m]
+    lg = site.model(x3, cache=cache, logits="last").logits[0, -1].float()
+    prompt = safe_decode(site.tok, block[:P].tolist())
+    rows = [(j, T, m) for j, T in install_targets(masks, lg.argsort(descending=True), prompt,
+                                                  args.install_targets, gen)
+            for m in args.install_m]
     edits = [e for r, (j, T, m) in enumerate(rows, 1) for e in install_edits(site, sc, P, T, m, r)]
     x, big = x3.expand(len(rows) + 1, -1), cache.repeat(len(rows) + 1)
     lp = site.model(x, cache=big, edits=edits, logits="last").logits[:, -1].float().log_softmax(-1)
     cont = site.model.generate(x, args.gen_len, edits=edits, cache=big)[:, 3:]
-    return [(j, m, bool((cont[r] == T).any()), bool((cont[0] == T).any()), (lp[r, T] - lp[0, T]).item(),
-             int((lp[0] > lp[0, T]).sum()) - int((lp[r] > lp[r, T]).sum())) for r, (j, T, m) in enumerate(rows, 1)]
+    above = lambda r, T: int((lp[r] > lp[r, T]).sum())  # noqa: E731  (the rank of T in row r)
+    return [(j, m, bool((cont[r] == T).any()), bool((cont[0] == T).any()),
+             (lp[r, T] - lp[0, T]).item(), above(0, T) - above(r, T))
+            for r, (j, T, m) in enumerate(rows, 1)]
 
 @torch.no_grad()
 def exp_install(site, blocks, scans, args):
-    """App. I.6: at each context, add m·‖k_s v_sᵀ‖·k̂_s v*_Tᵀ at its last three positions (added to the native
-    write, not replacing it), then 20 greedy tokens: is T among them? Contexts: --install-positions ends per
-    passage, evenly spaced from --install-len to the block's end; targets: --install-targets per stratum."""
+    """App. I.6: at each context, add m·‖k_s v_sᵀ‖·k̂_s v*_Tᵀ at its last three positions (added to
+    the state, the native write kept), then 20 greedy tokens: is T among them? Contexts:
+    --install-positions per passage, their ends evenly spaced from --install-len to the block's end."""
     gen, T, out = seeded(args, 4), blocks.shape[1], []
     masks, n_pos = target_masks(site, blocks), args.install_positions
     ends = sorted({args.install_len + j * (T - args.install_len) // n_pos for j in range(n_pos)})
     if ends[0] < 4:
-        raise ValueError(f"--install-len {args.install_len} leaves no room for three install positions")
+        raise ValueError(f"--install-len {args.install_len} leaves no room for 3 install positions")
     for b in tqdm(range(min(args.install_prompts, len(blocks))), desc="install", leave=False):
         cache, pos = None, 0
-        for P in ends:  # one cache walked along the passage, up to each context's first install position
-            cache, pos = site.model(blocks[b][None, pos:P - 3], cache=cache, use_cache=True, logits="none").cache, P - 3
-            out += [o + (b,) for o in install_trials(site, blocks[b], scans[b], P, masks, cache, args, gen)]
+        for P in ends:  # one cache walked along the passage to each context's first install position
+            cache = site.model(blocks[b][None, pos:P - 3], cache=cache, use_cache=True,
+                               logits="none").cache
+            pos = P - 3
+            out += [o + (b,) for o in install_trials(site, blocks[b], scans[b], P, masks, cache,
+                                                     args, gen)]
     return install_summary(out, args, len(ends))
 
+def install_cell(o, args):
+    hit, nat = sum(x[2] for x in o), sum(x[3] for x in o)
+    return {"n": len(o), "edited": hit / len(o), "edited_ci": wilson(hit, len(o)),
+            "native": nat / len(o), "native_ci": wilson(nat, len(o)),
+            "first_step_lift": torch.tensor([x[4] for x in o]).median().item(),
+            "rank_shift": torch.tensor([float(x[5]) for x in o]).median().item(),
+            "rank_improved": sum(x[5] > 0 for x in o) / len(o), **prompt_level_lift(o, args)}
+
 def install_summary(out, args, n_pos):
-    """Rates per m and stratum (and pooled) from the trials (stratum, m, edited, native, lift, rank shift, b)."""
-    res = {"prompts": len({x[6] for x in out}), "contexts_per_prompt": n_pos, "placement": "added to the state (native write kept) at the context's last three positions",
-           "strata": f"100-1000 by initial rank; frequent / rare / semantic out of context (rank ≥ "
-                     f"{OUT_OF_CONTEXT}): the 5% most frequent ids, ids seen ≤ 1×, whole words not in the prompt",
-           "by_m": {}}
+    """Rates per m and stratum, and pooled, from the trials (stratum, m, edited, native, lift,
+    rank shift, passage); effects at the middle m (the paper's 3)."""
+    res = {"prompts": len({x[6] for x in out}), "contexts_per_prompt": n_pos,
+           "placement": "added to the state (the native write kept) at a context's last 3 positions",
+           "strata": f"100-1000 by initial rank; frequent / rare / semantic: out of context (rank ≥ "
+                     f"{OUT_OF_CONTEXT}) and the 5% most frequent ids of the held-out blocks / "
+                     "ids seen there ≤ once / whole words not in the prompt", "by_m": {}}
     for m in args.install_m:
-        res["by_m"][f"{m:g}"] = cells = {}
-        for j, name in list(enumerate(STRATA)) + [(None, "pooled")]:
-            o = [x for x in out if x[1] == m and (j is None or x[0] == j)]
-            hit, nat = sum(x[2] for x in o), sum(x[3] for x in o)
-            if o:
-                cells[name] = {"n": len(o), "edited": hit / len(o), "edited_ci": wilson(hit, len(o)),
-                               "native": nat / len(o), "native_ci": wilson(nat, len(o)),
-                               "first_step_lift": torch.tensor([x[4] for x in o]).median().item(),
-                               "rank_shift": torch.tensor([float(x[5]) for x in o]).median().item(),
-                               "rank_improved": sum(x[5] > 0 for x in o) / len(o), **prompt_level_lift(o, args)}
-    m = f"{args.install_m[len(args.install_m) // 2]:g}"  # the middle dose (the paper's m = 3)
+        res["by_m"][f"{m:g}"] = {name: install_cell(o, args) for j, name in
+                                 list(enumerate(STRATA)) + [(None, "pooled")]
+                                 if (o := [x for x in out if x[1] == m and j in (None, x[0])])}
+    m = f"{args.install_m[len(args.install_m) // 2]:g}"
     cells = res["by_m"].get(m, {})
-    res["effects"] = [{"name": f"{name}, m = {m}: {k}", "value": c[k], "ci": list(c[k + "_ci"]), "n": c["n"],
-                       "unit": "fraction of trials with T in the continuation"}
-                      for name in ("100-1000", "pooled") if (c := cells.get(name)) for k in ("edited", "native")]
+    res["effects"] = [{"name": f"{name}, m = {m}: {k}", "value": c[k], "ci": list(c[k + "_ci"]),
+                       "n": c["n"], "unit": "fraction of trials with T in the continuation"}
+                      for name in ("100-1000", "pooled") if (c := cells.get(name))
+                      for k in ("edited", "native")]
     if c := cells.get("pooled"):
-        res["effects"].append({"name": f"pooled, m = {m}: first-step lift (mean over prompts)", "value":
-                               c["lift_prompt_mean"], "ci": list(c["lift_prompt_ci"]), "n": c["lift_prompts"],
-                               "unit": "nats"})
+        res["effects"].append({"name": f"pooled, m = {m}: first-step lift (mean over prompts)",
+                               "value": c["lift_prompt_mean"], "ci": list(c["lift_prompt_ci"]),
+                               "n": c["lift_prompts"], "unit": "nats"})
     return res
 
 def prompt_level_lift(o, args):
@@ -651,30 +699,33 @@ def safe_decode(tok, ids):
         return None
 
 def text_stats(s):
-    """Newline characters, paragraphs (blank-line separated, + 1) and mean word length of a decoded text."""
+    """Newline characters, paragraphs (blank-line separated, + 1), mean word length of a text."""
     words = s.split()
     return s.count("\n"), s.count("\n\n") + 1, sum(map(len, words)) / max(len(words), 1)
 
 @torch.no_grad()
 def exp_amplify(site, blocks, scans, args):
-    """§4's crossed design: rank features by mean activation at sentence boundaries (the next token is
-    --amp-select, '.') minus elsewhere (means over all positions, zeros included), add dose·push_f·A_f for the
-    top ones (push = the mean boundary activation) at every decoded position, and count newline characters in the
-    decoded continuations; the control adds random alive features at the largest dose (push = mean activation)."""
+    """§4's crossed design: rank features by mean activation at sentence boundaries (the next token
+    is --amp-select, '.') minus elsewhere (means over all positions, zeros included), add
+    dose·push_f·A_f for the top ones (push = the mean boundary activation) at every decoded
+    position, and count newline characters in the decoded continuations. Control: random alive
+    features at the largest dose (push = their mean activation)."""
     gen, P = seeded(args, 5), args.amp_prompt_len
     texts = [safe_decode(site.tok, [i]) for i in range(site.W_U.shape[0])]
     if texts[0] is None:
         raise ValueError("--exp amplify needs a tokenizer (the checkpoint has no tokenizer.json)")
-    sel = torch.tensor([s.strip() == args.amp_select for s in texts])        # [vocab] the boundary token(s)
-    codes = torch.cat([sc["codes"][:-1] for sc in scans]).cpu()              # [N,n]
-    nxt = sel[torch.cat([b[1:] for b in blocks.cpu()])]                       # the next token is a boundary
+    sel = torch.tensor([s.strip() == args.amp_select for s in texts])  # [vocab] boundary tokens
+    codes = torch.cat([sc["codes"][:-1] for sc in scans]).cpu()    # [N,n]
+    nxt = sel[torch.cat([b[1:] for b in blocks.cpu()])]             # the next token is a boundary
     if nxt.sum() == 0:
-        raise ValueError(f"no {args.amp_select!r} token in the held-out blocks: pick another --amp-select")
+        raise ValueError(f"no {args.amp_select!r} token in the held-out blocks: pick another "
+                         "--amp-select")
     diff = codes[nxt].mean(0) - codes[~nxt].mean(0)
     top = diff.topk(args.amp_features).indices
     alive = [i for i in (codes > 0).any(0).nonzero().flatten().tolist() if i not in set(top.tolist())]
     rnd, dmax = torch.tensor(sample(alive, args.amp_features, gen), dtype=torch.long), max(args.amp_doses)
-    push, x, stats = {"amplify": codes[nxt].mean(0), "random": codes.mean(0)}, blocks[:args.amp_prompts, :P], {}
+    push, x, stats = {"amplify": codes[nxt].mean(0), "random": codes.mean(0)}, \
+        blocks[:args.amp_prompts, :P], {}
     for name, feats, dose in tqdm([("baseline", top, 0.0)] + [(f"amplify {d:g}x", top, d) for d in args.amp_doses]
                                   + [(f"random {dmax:g}x", rnd, dmax)], desc="amplify", leave=False):
         p = dose * push[name.split()[0]][feats].to(site.dec_k) if dose else None
@@ -682,70 +733,76 @@ def exp_amplify(site, blocks, scans, args):
                                      site.dec_v[feats].flatten(0, 1))          # Σ_f push_f A_f as [F·r] factors
         edits = [] if kv is None else [edit(site, s, "add", kv) for s in range(P, P + args.amp_len)]
         out = site.model.generate(x, args.amp_len, temperature=args.amp_temperature, edits=edits, seed=args.seed)
-        stats[name] = torch.tensor([text_stats(safe_decode(site.tok, o[P:].tolist())) for o in out.cpu()],
-                                   dtype=F64)                                 # [prompts,3]
+        stats[name] = torch.tensor([text_stats(safe_decode(site.tok, o[P:].tolist()))
+                                    for o in out.cpu()], dtype=F64)        # [prompts,3]
     base = stats.pop("baseline")
     res = {"select": args.amp_select, "count": "newline characters in the decoded continuation",
            "features": top.tolist(), "random_features": rnd.tolist(), "diff": diff[top].tolist(),
            "prompts": len(x), "tokens": args.amp_len, "baseline_mean": base[:, 0].mean().item(),
-           "conditions": {n: paired_summary(base[:, 0], c[:, 0], args.boot, args.seed) for n, c in stats.items()},
+           "conditions": {n: paired_summary(base[:, 0], c[:, 0], args.boot, args.seed)
+                          for n, c in stats.items()},
            "surface": {n: {"paragraphs": c[:, 1].mean().item(), "word_length": c[:, 2].mean().item()}
                        for n, c in [("baseline", base)] + list(stats.items())}}
     res["effects"] = [{"name": n, "value": c["diff"], "ci": list(c["ci"]), "n": len(x),
-                       "unit": f"Δ newlines per {args.amp_len} tokens"} for n, c in res["conditions"].items()]
+                       "unit": f"Δ newlines per {args.amp_len} tokens"}
+                      for n, c in res["conditions"].items()]
     return res
 
 
 # ==== Experiment 4: the register / bundle partition (§3.1) ====
 
 def crossing(mu, var, pi):
-    """The x between the two means where the weighted components w_j N(x; μ_j, σ_j²) are equal (NaN if none)."""
+    """The x between the two means where the weighted components w_j N(x; μ_j, σ_j²) are equal
+    (NaN if none)."""
     (m1, m2), (v1, v2), (w1, w2) = mu, var, pi
     a, b = 1 / v2 - 1 / v1, 2 * (m1 / v1 - m2 / v2)
     c = m2 ** 2 / v2 - m1 ** 2 / v1 + math.log(v2 / v1) - 2 * math.log(w2 / w1)
-    if abs(a) < 1e-12 * max(1 / v1, 1 / v2):  # equal variances: one linear root (none if the means agree)
+    if abs(a) < 1e-12 * max(1 / v1, 1 / v2):  # equal variances: one root (none if equal means)
         roots = [-c / b] if b else []
+    elif b * b >= 4 * a * c:
+        roots = [(-b + s * math.sqrt(b * b - 4 * a * c)) / (2 * a) for s in (1, -1)]
     else:
-        roots = [(-b + s * math.sqrt(b * b - 4 * a * c)) / (2 * a) for s in (1, -1)] if b * b >= 4 * a * c else []
+        roots = []
     return next((r for r in roots if min(m1, m2) <= r <= max(m1, m2)), float("nan"))
 
 def partition_of(site, scans, kind, args):
-    """Per-atom median signed cosine to the native write `kind` (inc: the increment k̂ δᵀ; add: the additive
-    write) over its firings; EM mixtures with 1 and 2 components."""
-    cos, ids = zip(*[atom_write_cosines(site.dec_k, site.dec_v, sc["codes"], sc["w"][f"{kind}_k"], sc["w"][f"{kind}_v"])
-                     for sc in scans])
+    """Per-atom median signed cosine to the native write `kind` over its firings (inc: the
+    increment k̂ δᵀ; add: the additive write); EM mixtures with 1 and 2 components."""
+    cos, ids = zip(*[atom_write_cosines(site.dec_k, site.dec_v, sc["codes"], sc["w"][f"{kind}_k"],
+                                        sc["w"][f"{kind}_v"]) for sc in scans])
     cos, ids = torch.cat(cos).cpu().double(), torch.cat(ids).cpu()
     order = ids.argsort(stable=True)
     atoms, n_fire = ids[order].unique_consecutive(return_counts=True)
     med = torch.stack([g.median() for g in cos[order].split(n_fire.tolist())]) if len(ids) else cos
     keep = n_fire >= args.min_fire
     med, atoms = med[keep], atoms[keep]
-    res = {"alive": len(med), "dead_or_rare": site.dec_k.shape[0] - len(med), "min_firings": args.min_fire,
-           "tau": args.tau, "above_tau": int((med >= args.tau).sum()), "below_tau": int((med < args.tau).sum()),
+    res = {"alive": len(med), "dead_or_rare": site.dec_k.shape[0] - len(med),
+           "min_firings": args.min_fire, "tau": args.tau, "above_tau": int((med >= args.tau).sum()),
+           "below_tau": int((med < args.tau).sum()),
            "median_cos": med.median().item() if len(med) else float("nan"),
            "points": {"median_cos": med.tolist(), "atoms": atoms.tolist(), "tau": args.tau}}
     if len(med) >= 3:
         fits = {k: gmm_em(med, k, seed=args.seed) for k in (1, 2)}
         mu, var, pi, _, _ = fits[2]
         reg = torch.stack([-0.5 * ((med - m) ** 2 / v + math.log(2 * math.pi * v)) + math.log(w)
-                           for m, v, w in zip(mu, var, pi)], 1).argmax(1) == 1  # in the higher-mean component
+                           for m, v, w in zip(mu, var, pi)], 1).argmax(1) == 1  # higher-mean one
         res.update({"delta_bic": fits[2][4] - fits[1][4], "bic": {k: f[4] for k, f in fits.items()},
                     "means": mu, "vars": var, "weights": pi, "threshold": crossing(mu, var, pi),
                     "registers": int(reg.sum()), "bundles": int((~reg).sum()),
+                    "register_atoms": atoms[reg].tolist(),
                     **{f"{n}_median_cos": med[s].median().item() if s.any() else float("nan")
-                       for n, s in (("register", reg), ("bundle", ~reg))}, "register_atoms": atoms[reg].tolist()})
+                       for n, s in (("register", reg), ("bundle", ~reg))}})
         res["points"].update({k: res[k] for k in ("means", "vars", "weights", "threshold")})
     return res
 
 def exp_partition(site, blocks, scans, args):
-    """The partition on the cosine to the increment k̂ δᵀ (the released code's 'exact recurrent write'), and the
-    same on the additive write (secondary)."""
+    """The partition on the cosine to the increment k̂ δᵀ (what the released code measures), and
+    the same on the additive write (secondary)."""
     res = partition_of(site, scans, "inc", args)
     res["native"] = "the increment S_t − decay_t ⊙ S_{t−1}"
     res["additive"] = partition_of(site, scans, "add", args)
     res["additive"].pop("points")
     return res
-
 
 
 # ==== Report ====
@@ -755,34 +812,37 @@ DEVIATIONS = [
     "KL is KL(p_base ‖ p_cond) (the released code's direction) at the edited position t, whose read already sees S'_t "
     "(in-recurrence edit, PAPER_NOTES §5.4 reading A); the paper's text says KL(p_patched ‖ p_base).",
     "The random condition is Gaussian rank-r at the atom term's norm (coef) or ‖W_nat‖ (matched), drawn per firing.",
-    "Model and scale: the paper measures Qwen3.5-0.8B L9 H4 (and 4B/27B, Mamba-2-370M, RWKV-7-1.5B, DeltaNet, "
-    "GLA); this report is of the model in Setup (the demo models have a few million parameters).",
-    "Data: the paper trains on 5,000 OpenWebText passages × 1,024 tokens and evaluates on disjoint OWT text; here "
-    "the run's corpus and its held-out blocks (Setup), at the run's block length.",
-    "Dictionary: the paper's 2,048 atoms, k = 32, seed 42; here the run's n_feat, k and seed (Setup).",
-    "The paper's Mamba-2 'diagonal decoder atom' (§3.3) is not defined; here every architecture's atoms are "
-    "rank-r outer products (rank 1 for Mamba-2, whose write is rank 1).",
-    "Closed form: 50 atoms × 500 prompts in the paper; here --cf-atoms most frequent dominant atoms × --cf-prompts "
-    "(b, t0) drawn over the held-out blocks, eval tokens each atom's top tokens by |W_U W_O Σ_r dec_v|. Only the "
-    "absolute ε ≤ --cf-small·median ‖S_t‖_F are pooled into the headline. eq1+gain and exact carry W_U[tok] back "
-    "through the final norm's local Jacobian (Eq. 1 has no final norm); all three leave out the layers after the "
-    "site. The paper's 0.98 is its App. A fit (paper_fit), which fits one G per prompt and so cannot fail on a "
-    "first-order effect (closed → paper_fit_note).",
-    "Erasure: the paper's F412 at 150 firings; here --erase-atom (default the atom that fires most) at ≤ "
-    "--erase-n firings. The paper chooses the preferred token on the firings it tests (in-sample, which a null "
-    "edit passes: erase → in_sample); here on the other half of the passages. Δ log p at t + 1.",
-    "Sign test: the key side is the native key k̂_s (the paper does not say) at size ‖k_s v_sᵀ‖ (no β), added "
-    "to the state; targets are uniform over the vocabulary; 'atom-token-context' triples are target-context pairs.",
+    "Model and scale: the paper measures Qwen3.5-0.8B L9 H4 (and 4B/27B, Mamba-2-370M, "
+    "RWKV-7-1.5B, DeltaNet, GLA); this report is of the model in Setup (the demo models have a few "
+    "million parameters).",
+    "Data: the paper trains on 5,000 OpenWebText passages × 1,024 tokens and evaluates on disjoint "
+    "OWT text; here the run's corpus and its held-out blocks (Setup), at the run's block length.",
+    "Dictionary: the paper's 2,048 atoms, k = 32, seed 42; here the run's n_feat, k and seed.",
+    "The paper's Mamba-2 'diagonal decoder atom' (§3.3) is not defined; here every architecture's "
+    "atoms are rank-r outer products (rank 1 for Mamba-2, whose write is rank 1).",
+    "Closed form: 50 atoms × 500 prompts in the paper; here the --cf-atoms most frequent dominant "
+    "atoms × --cf-prompts (b, t0), eval tokens each atom's top tokens by |W_U W_O Σ_r dec_v|; only "
+    "the absolute ε ≤ --cf-small·median ‖S_t‖_F are pooled into the headline. eq1+gain and exact "
+    "carry W_U[tok] back through the final norm's local Jacobian (Eq. 1 has no final norm); all "
+    "leave out the layers after the site. The paper's 0.98 is its App. A fit (paper_fit), one G "
+    "per prompt, which a first-order effect cannot fail (closed → paper_fit_note).",
+    "Erasure: the paper's F412 at 150 firings; here --erase-atom (default: the atom that fires "
+    "most) at ≤ --erase-n firings. The paper chooses the preferred token on the firings it tests "
+    "(in-sample, which a null edit can pass: erase → in_sample); here on the other half of the "
+    "passages. Δ log p at t + 1.",
+    "Sign test: the key side is the native key k̂_s (the paper does not say) at size ‖k_s v_sᵀ‖ "
+    "(no β), added to the state; targets uniform over the vocabulary.",
     "Install: 30 prompts × 5 positions × 8 targets in the paper; here --install-prompts passages × "
-    "--install-positions contexts × --install-targets per stratum, added at each context's last three "
-    "positions (the paper does not say add or replace, nor where). Out of context is rank ≥ 1000 (the paper's "
-    "≈ 10,000–17,000 of 248k ids); frequent, rare and semantic are the rules in install → strata.",
-    "Amplification: the paper's 4B-Base model at L9 with all 32 heads amplified, 40 chat-formatted prompts × "
-    "400 tokens; here one head, --amp-prompts held-out prompts × --amp-len tokens. Features ranked by mean "
-    "activation before '.' minus elsewhere, positive differences only (the paper's text; its code ranks |diff| "
-    "with signed pushes); all conditions share one sampling seed; the 1× dose is not run.",
-    "Partition: the paper's GMM is sklearn's (n_init ≥ 5); here our own 1-D EM; atoms with < --min-fire firings "
-    "count as dead; Wilcoxon and sign tests use normal approximations.",
+    "--install-positions contexts × --install-targets per stratum, added at each context's last "
+    "three positions (the paper says neither add or replace, nor where). Out of context is rank ≥ "
+    "1000 (the paper's ≈ 10,000–17,000 of 248k ids); the strata's rules are in install → strata.",
+    "Amplification: the paper amplifies all 32 heads of Qwen3.5-4B-Base L9, 40 chat-formatted "
+    "prompts × 400 tokens; here one head, --amp-prompts held-out prompts × --amp-len tokens. "
+    "Features ranked by mean activation before '.' minus elsewhere, positive differences only "
+    "(the paper's text; its code ranks |diff| with signed pushes); one sampling seed for all "
+    "conditions; no 1× dose.",
+    "Partition: the paper's GMM is sklearn's; here our own 1-D EM (5 starts); atoms with "
+    "< --min-fire firings count as dead. Wilcoxon and sign tests use normal approximations.",
 ]
 PAPER = {  # PAPER_NOTES.md §10; "key arch" overrides "key" for that architecture
     "win": "92.4% [91.6, 93.1] (4,851 firings, Qwen3.5-0.8B L1/L9/L17 H4)",
@@ -802,6 +862,30 @@ def fmt(x, pct=False):
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     return f"{100 * x:.1f}%" if pct else f"{x:.3g}"
+
+CF_LABELS = {"paper_fit": "the paper's App. A fit: G per prompt, atom, token (see paper_fit_note)",
+             "eq1": "Eq. (1) as printed, no fit", "eq1_ols": "eq1, one slope per cell",
+             "eq1+gain": "eq1 with the norm gains, no fit",
+             "eq1+gain_ols": "eq1 with the norm gains, one slope per cell",
+             "exact": "exact transport and norm Jacobians, no fit",
+             "exact_ols": "exact, one slope per cell"}
+
+def closed_rows(r, pct, ci, paper):
+    """The closed form's rows: each predictor at the headline h over the pooled absolute ε, the
+    relative grid's smallest ε (secondary), and the sign agreement of eq1."""
+    h = r["headline_h"]
+    c, eps = r["by_h"][h], ", ".join(f"{e:g}" for e in r["pooled_eps"])
+    rows = [(f"closed-form R² ({lbl}), h = {h}, ε = {eps}: median cell; cells > 0.95",
+             f"{fmt(c[k]['median_small'])}; {pct(c[k]['frac_cells_gt_0.95'])}",
+             len(r["atoms"]) * len(r["pooled_eps"]), "", paper("closed"))
+            for k, lbl in CF_LABELS.items() if k in c]
+    if k := next((k for k in ("exact", "eq1+gain") if k in r["relative"][h]), None):
+        rows.append((f"closed-form R² ({CF_LABELS[k]}), h = {h}, relative ε = "
+                     f"{r['eps_rel'][0]:g}·‖S‖, secondary",
+                     fmt(r["relative"][h][k]["median_by_eps"][0]), len(r["atoms"]), "", ""))
+    rows.append((f"closed-form sign agreement (eq1, h = {h})", pct(c["sign_agreement"]),
+                 c["n_sign"], ci(c["sign_agreement_ci"]), paper("closed sign")))
+    return rows
 
 def headline(res, arch):
     """Rows (quantity, ours, n, 95% CI, the paper's value and n) — the paper's from PAPER_NOTES.md §10."""
@@ -823,35 +907,27 @@ def headline(res, arch):
                 rows.append((f"population test ({name})", pct(p["mean"]), f"{p['atoms']} atoms", ci(p["ci"]),
                              paper("population")))
     if r := res.get("closed"):
-        h = r["headline_h"]
-        c, eps = r["by_h"][h], ", ".join(f"{e:g}" for e in r["pooled_eps"])
-        names = {"paper_fit": "the paper's App. A fit, G per prompt × atom × token (easy: see paper_fit_note)",
-                 "eq1": "Eq. (1) as printed, no fit", "eq1_ols": "eq1, one slope per cell",
-                 "eq1+gain": "eq1 + norm gains, no fit", "eq1+gain_ols": "eq1 + norm gains, one slope per cell",
-                 "exact": "exact transport + norm Jacobians, no fit", "exact_ols": "exact, one slope per cell"}
-        rows += [(f"closed-form R² ({lbl}), h = {h}, ε = {eps}: median cell; cells > 0.95",
-                  f"{fmt(c[k]['median_small'])}; {pct(c[k]['frac_cells_gt_0.95'])}",
-                  len(r["atoms"]) * len(r["pooled_eps"]), "", paper("closed")) for k, lbl in names.items() if k in c]
-        if k := next((k for k in ("exact", "eq1+gain") if k in r["relative"][h]), None):
-            rows.append((f"closed-form R² ({names[k]}), h = {h}, relative ε = {r['eps_rel'][0]:g}‖S‖ "
-                         "(secondary)", fmt(r["relative"][h][k]["median_by_eps"][0]), len(r["atoms"]), "", ""))
-        rows.append((f"closed-form sign agreement (eq1, h = {h})", pct(c["sign_agreement"]), c["n_sign"],
-                     ci(c["sign_agreement_ci"]), paper("closed sign")))
+        rows += closed_rows(r, pct, ci, paper)
     if e := res.get("erase"):
-        for key, lbl in (("delete", "delete the write (I.4)"), ("atom_term", "remove a_i·A_i (secondary)"),
-                         ("null_control", "null: remove a random rank-r")):
+        for key, lbl in (("delete", "delete the write (I.4)"), ("atom_term", "remove a_i·A_i"),
+                         ("null_control", "null control: remove a random rank-r")):
             x = e[key]
-            rows.append((f"erasure, {lbl}: median Δ log p of the preferred token at t + 1, cross-fit (p)",
-                         f"{x['median']:+.3g} (p = {x['wilcoxon_p']:.2g})", x["n"], ci(x["median_ci"], False),
-                         paper("erase") if key == "delete" else ""))
+            rows.append((f"erasure, {lbl}: median Δ log p of the preferred token at t + 1, "
+                         "cross-fit (Wilcoxon p)", f"{x['median']:+.3g} (p = {x['wilcoxon_p']:.2g})",
+                         x["n"], ci(x["median_ci"], False), paper("erase") if key == "delete" else ""))
+        x = e["in_sample"]["null"]
+        rows.append(("erasure null control with the token chosen in-sample (the paper's selection)",
+                     f"{x['median']:+.3g} (p = {x['wilcoxon_p']:.2g})", x["n"], "", ""))
         if c4 := e["control"].get("4x"):
-            rows.append(("non-firing control 4×: median Δ log p", f"{c4['median']:+.3g} (p = {c4['wilcoxon_p']:.2g})",
-                         c4["n"], "", paper("erase control")))
+            rows.append(("non-firing control 4×: median Δ log p",
+                         f"{c4['median']:+.3g} (p = {c4['wilcoxon_p']:.2g})", c4["n"], "",
+                         paper("erase control")))
     if s := res.get("sign"):
         for pos in ("s+1", "s"):
             if x := s[pos].get("eq1"):
-                rows.append((f"single-position sign test at {pos} (eq1){'' if pos == 's+1' else ' (secondary)'}",
-                             pct(x["sign_agreement"]), s["n"], ci(x["ci"]), paper("sign") if pos == "s+1" else ""))
+                rows.append((f"single-position sign test, Δℓ at {pos} (eq1)"
+                             + ("" if pos == "s+1" else ", secondary"), pct(x["sign_agreement"]),
+                             s["n"], ci(x["ci"]), paper("sign") if pos == "s+1" else ""))
     for m, cells in res.get("install", {}).get("by_m", {}).items():
         rows += [(f"install m = {m} ({key}): native → edited", f"{pct(c['native'])} → {pct(c['edited'])}", c["n"],
                   ci(c["edited_ci"]), paper(f"install {key}") if m == "3" else "")
@@ -862,21 +938,22 @@ def headline(res, arch):
                          f"{c['n']} ({c['lift_prompts']} prompts)", ci(c["lift_prompt_ci"], False),
                          paper("install lift") if m == "3" else ""))
     if a := res.get("amplify"):
-        rows += [(f"newlines per {a['tokens']} tokens, features selected on {a['select']!r}, {name}",
-                  f"{c['mean_base']:.3g} → {c['mean']:.3g} (p = {c['perm_p']:.2g}, d = {c['cohen_d']:.2f})",
-                  a["prompts"], ci(c["ci"], False), PAPER.get(name, "")) for name, c in a["conditions"].items()]
+        rows += [(f"newlines per {a['tokens']} tokens (features selected on {a['select']!r}), "
+                  f"{name}", f"{c['mean_base']:.3g} → {c['mean']:.3g} (p = {c['perm_p']:.2g}, "
+                  f"d = {c['cohen_d']:.2f})", a["prompts"], ci(c["ci"], False), PAPER.get(name, ""))
+                 for name, c in a["conditions"].items()]
     if p := res.get("partition"):
-        for name, q in (("increment k̂ δᵀ", p), ("additive write, secondary", p["additive"])):
-            ref = paper if q is p else lambda key: ""  # noqa: E731  (the paper's values beside the primary)
+        for name, q in (("the increment k̂ δᵀ", p), ("the additive write, secondary", p["additive"])):
+            ref = paper if q is p else lambda key: ""  # noqa: E731  (the paper's beside the primary)
             if "delta_bic" in q:
-                rows += [(f"partition ΔBIC, 2 vs 1 component (cos to the {name})", f"{q['delta_bic']:.3g}",
-                          q["alive"], "", ref("bic")),
-                         (f"registers / bundles (GMM; {name})", f"{q['registers']} / {q['bundles']}", q["alive"], "",
-                          ref("partition")),
-                         (f"register median cosine ({name})", fmt(q["register_median_cos"]), q["registers"], "",
-                          ref("register cos"))]
-            rows.append((f"atoms with median cos ≥ τ = {q['tau']} ({name})", f"{q['above_tau']} / {q['alive']}",
-                         q["alive"], "", ""))
+                rows += [(f"partition ΔBIC, 2 vs 1 component (cos to {name})",
+                          f"{q['delta_bic']:.3g}", q["alive"], "", ref("bic")),
+                         (f"registers / bundles (GMM; {name})", f"{q['registers']} / {q['bundles']}",
+                          q["alive"], "", ref("partition")),
+                         (f"register median cosine ({name})", fmt(q["register_median_cos"]),
+                          q["registers"], "", ref("register cos"))]
+            rows.append((f"atoms with median cos ≥ τ = {q['tau']} ({name})",
+                         f"{q['above_tau']} / {q['alive']}", q["alive"], "", ""))
     return rows
 
 def write_report(out, res, meta):
