@@ -18,6 +18,10 @@ Glossary (DESIGN.md §4; PAPER_NOTES.md §5–§8)
   branch        prefill the block once up to t (one cache walked along the block), then cache.repeat(n) and
                 one forward of token t (+ horizon) with one edited row per condition
   Δℓ, G, q̃, g   logit shift, product of decays since t0, the read vector, the head's local norm×gate gain
+  eq1 / +gain   Eq. (1) as printed (G = Π decay, no norm) / with the norms' local gains / exact: the
+  / exact       exact in-layer transport and the norms' Jacobians (PREDICTORS); paper_fit: App. A's
+                least-squares G per (prompt, atom, token)
+  cross-fit     erasure's preferred token is chosen on one half of the passages and tested on the other
 """
 
 import argparse
