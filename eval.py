@@ -343,7 +343,8 @@ def cf_summary(c, small):
             "median_cell": c.nanmedian().item(),
             "median_per_atom": c[:, small].nanmedian(1).values.tolist() if some else [],
             "median_by_eps": c.nanmedian(0).values.tolist(),
-            "frac_cells_gt_0.95": (c > 0.95).float().mean().item()}
+            "frac_cells_gt_0.95": (c[:, small] > 0.95).float().mean().item() if some else float("nan"),
+            "frac_all_cells_gt_0.95": (c > 0.95).float().mean().item()}
 
 def cf_cells(y, preds, small, hs):
     """R² across prompts per (atom, ε) cell: each predictor with no fitted parameter and with one
