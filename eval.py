@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from models import Capture, Edit, load_model
+from models.common import apply_edits
 from writesae import (WriteSAE, atom_write_cosines, frob, frob_cos, install_direction, install_factors,
                       logit_shift_prediction, shift_predictions, substitution_factors)
 
@@ -58,6 +59,18 @@ def bootstrap_ci(x, stat="mean", n_boot=5000, seed=0, level=0.95):
     xs = x[torch.randint(len(x), (n_boot, len(x)), generator=torch.Generator().manual_seed(seed))]  # [n_boot,n]
     s = xs.mean(1) if stat == "mean" else xs.median(1).values
     lo, hi = torch.quantile(s, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=F64))
+    return (lo.item(), hi.item())
+
+def cluster_bootstrap(x, clusters, n_boot=5000, seed=0, level=0.95):
+    """Percentile interval of the pooled mean of x when whole clusters (passages, features) are resampled with
+    replacement (App. F.2): each resample draws as many clusters as there are, the pooled mean is Σx / Σn."""
+    x = torch.as_tensor(x, dtype=F64)
+    ids, inv = torch.as_tensor(clusters).unique(return_inverse=True)
+    s, n = torch.zeros(len(ids), dtype=F64).index_add_(0, inv, x), torch.bincount(inv, minlength=len(ids)).double()
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(len(ids), (n_boot, len(ids)), generator=g)          # [n_boot,C]
+    w = torch.zeros(n_boot, len(ids), dtype=F64).scatter_add_(1, pick, torch.ones_like(pick, dtype=F64))
+    lo, hi = torch.quantile((w @ s) / (w @ n), torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=F64))
     return (lo.item(), hi.item())
 
 def sign_stats(d, tie=1e-12):
@@ -227,30 +240,95 @@ def seeded(args, j):
 # ==== Experiment 1: the substitution test (§3.2, App. J) ====
 
 CONDS = ("atom", "delete", "random", "atom_matched", "random_matched")
+READINGS = ("cache", "recurrence")   # R["kl"] axis 1: §5.4 B at t + 1 (primary), A at t
+DIRECTIONS = ("base_cond", "cond_base")  # R["kl"] axis 2: KL(p_base ‖ p_cond) (primary), KL(p_cond ‖ p_base)
+SUBST_ROWS = {  # name: (the firings it draws, reading); the first is the headline's primary row
+    "pool": ("pool", "cache"), "pool_recurrence": ("pool", "recurrence"), "pool_onset": ("pool", "cache"),
+    "per_atom": ("per_atom", "cache"), "per_atom_recurrence": ("per_atom", "recurrence"),
+    "positions": ("positions", "cache")}
 
 def tie(a, d):  # equal KLs (e.g. an atom X = 0 against delete) are not wins
     return 1e-6 * torch.maximum(a.abs(), d.abs()) + 1e-12
 
-def subst_summary(R, mask, args, key="kl"):
+def draw_text(name, args):
+    """How a row's firings were drawn, for the report."""
+    feats = (f"the {args.pool} features with the most firings" if args.pool_rule == "frequent" else
+             f"{args.pool} features drawn among the alive (seed {args.seed})")
+    return {"pool": f"{feats}, ≤ {args.pool_cap} firings (a_i(t) > 0) each (seed {args.seed}), deduplicated, "
+                    "the dominant atom substituted",
+            "per_atom": f"≤ {args.per_atom} firings per dominant atom, then ≤ {args.max_firings} in all",
+            "positions": f"{args.max_firings} held-out positions where the SAE fires, uniformly (position-weighted)",
+            }[name]
+
+def firing_draws(scans, args, gen):
+    """The firings of each draw as sorted (block, t) lists, the pool feature that drew each pool firing, the pool's
+    features and the number of candidates.
+    Candidates are the positions where the SAE fires and t + 1 + horizon is in the block (reading B reads t + 1).
+    pool (§5.1): firings of feature i are positions with a_i(t) > 0; the --pool features with the most firings
+    (--pool-rule frequent) or drawn at random among the alive (random), ≤ --pool-cap each, deduplicated.
+    per_atom: ≤ --per-atom per dominant atom, then ≤ --max-firings. positions: uniform over the candidates."""
+    where = [(b, t) for b, sc in enumerate(scans) for t in range(len(sc["codes"]) - 1 - args.horizon)]
+    C = torch.cat([sc["codes"][:len(sc["codes"]) - 1 - args.horizon] for sc in scans]).cpu()  # [P,n]
+    fires = C.amax(-1) > 0
+    counts = (C[fires] > 0).sum(0)                                            # [n] firings per feature
+    alive = (counts > 0).nonzero().flatten()
+    if args.pool_rule == "frequent":
+        feats = counts.topk(min(args.pool, len(alive))).indices
+    else:
+        feats = alive[torch.randperm(len(alive), generator=gen)[:args.pool]]
+    pool = {}
+    for i in feats.tolist():
+        at = (C[:, i] > 0).nonzero().flatten()
+        for j in at[torch.randperm(len(at), generator=gen)[:args.pool_cap]].tolist():
+            pool.setdefault(where[j], i)
+    dom, cand = C.argmax(-1), fires.nonzero().flatten()
+    per_atom = []
+    for i in dom[cand].unique().tolist():
+        at = cand[dom[cand] == i]
+        per_atom += at[torch.randperm(len(at), generator=gen)[:args.per_atom]].tolist()
+    draws = {"pool": sorted(pool), "per_atom": sorted(where[j] for j in sample(per_atom, args.max_firings, gen)),
+             "positions": sorted(where[j] for j in sample(cand.tolist(), args.max_firings, gen))}
+    return draws, pool, feats.tolist(), len(cand)
+
+def cond_kls(R, idx, args, reading="cache", direction=0, key="kl"):
+    """KL_atom, KL_delete, KL_random (at the --scale) of the firings idx under one reading and direction."""
     sfx = "_matched" if args.scale == "matched" else ""
-    a, d, r = (R[key][:, CONDS.index(c)][mask] for c in ("atom" + sfx, "delete", "random" + sfx))
+    kl = R[key][idx][:, READINGS.index(reading), direction]                   # [n,5]
+    return tuple(kl[:, CONDS.index(c)] for c in ("atom" + sfx, "delete", "random" + sfx))
+
+def win_stats(a, d, R, idx, args, name):
+    """Win rate (KL_atom < KL_delete) of one direction with its Wilson and cluster-bootstrap intervals."""
+    win = (d - a) > tie(a, d)
+    k, n = int(win.sum()), len(win)
+    return win, {name: k / n, f"{name}_ci": wilson(k, n),
+                 f"{name}_ci_passage": cluster_bootstrap(win.double(), R["block"][idx], args.boot, args.seed),
+                 f"{name}_ci_feature": cluster_bootstrap(win.double(), R["atom"][idx], args.boot, args.seed)}
+
+def subst_summary(R, idx, args, reading="cache", key="kl"):
+    """The statistics of one row: the firings idx (indices into R) under one reading, both KL directions."""
+    a, d, r = cond_kls(R, idx, args, reading, 0, key)
     if len(a) == 0:
         return {"n": 0}
-    win, n = (d - a) > tie(a, d), len(a)
-    chain = win & ((r - d) > tie(d, r))
+    win, out = win_stats(a, d, R, idx, args, "win")
+    ar, dr, rr = cond_kls(R, idx, args, reading, 1, key)
+    win_rev, rev = win_stats(ar, dr, R, idx, args, "win_rev")
+    chain, n = win & ((r - d) > tie(d, r)), len(a)
+    chain_rev = win_rev & ((rr - dr) > tie(dr, rr))
     med = {c: median_mad(x) for c, x in (("atom", a), ("delete", d), ("random", r))}
     def by_quartile(x):  # win rate in each quartile of x over these firings, with the quartile edges
         edges = torch.quantile(x.double(), torch.tensor([.25, .5, .75], dtype=F64))
         q = torch.bucketize(x.double(), edges)
         return {"edges": edges.tolist(), "win": [win[q == j].float().mean().item() for j in range(4)]}
-    out = {"n": n, "win": win.float().mean().item(), "win_ci": wilson(int(win.sum()), n),
-           "chain": chain.float().mean().item(), "chain_ci": wilson(int(chain.sum()), n), "median": med,
-           "ratio_of_medians": [1.0] + [med[c][0] / max(med["atom"][0], 1e-30) for c in ("delete", "random")],
-           "per_firing_ratio": {c: (x / a.clamp_min(1e-30)).median().item() for c, x in (("delete", d), ("random", r))},
-           "sign": sign_stats(torch.where((d - a).abs() > tie(a, d), d - a, torch.zeros_like(d))),
-           "by_delete_kl": by_quartile(d), "by_cos": by_quartile(R["cos"][mask]),
-           "by_norm_ratio": by_quartile(R["norm_ratio"][mask]), "median_cos": R["cos"][mask].median().item()}
-    atoms = R["atom"][mask]  # population test: the mean of per-atom win rates (≤ --per-atom firings each)
+    out |= rev | {
+        "n": n, "chain": chain.float().mean().item(), "chain_ci": wilson(int(chain.sum()), n),
+        "chain_rev": chain_rev.float().mean().item(), "median": med,
+        "median_rev": {c: median_mad(x) for c, x in (("atom", ar), ("delete", dr), ("random", rr))},
+        "ratio_of_medians": [1.0] + [med[c][0] / max(med["atom"][0], 1e-30) for c in ("delete", "random")],
+        "per_firing_ratio": {c: (x / a.clamp_min(1e-30)).median().item() for c, x in (("delete", d), ("random", r))},
+        "sign": sign_stats(torch.where((d - a).abs() > tie(a, d), d - a, torch.zeros_like(d))),
+        "by_delete_kl": by_quartile(d), "by_cos": by_quartile(R["cos"][idx]),
+        "by_norm_ratio": by_quartile(R["norm_ratio"][idx]), "median_cos": R["cos"][idx].median().item()}
+    atoms = R["atom"][idx]  # population test: the mean of per-atom win rates (≤ --per-atom firings each)
     per = [w for w in (win[atoms == i][:args.per_atom] for i in atoms.unique()) if len(w) >= args.min_atom_firings]
     if per:
         p = torch.tensor([w.float().mean().item() for w in per])
@@ -259,46 +337,109 @@ def subst_summary(R, mask, args, key="kl"):
                              "range": [p.min().item(), p.max().item()]}
     return out
 
+def cached_state(site, cache):
+    """The name of the (layer's) state [B,H,K,V] in a Cache: the one entry of that shape."""
+    layer, (K, V) = cache.layers[site.layer], site.model.state_shape
+    B = next(iter(layer.values())).shape[0]
+    names = [n for n, x in layer.items() if tuple(x.shape) == (B, site.model.n_heads, K, V)]
+    if len(names) != 1:
+        raise ValueError(f"layer {site.layer}'s cache has {len(names)} entries shaped like its state, not one")
+    return names[0]
+
+def substitution_branches(site, blocks, points, rows_fn, n_after=0):
+    """Both readings of one edit list per row at each (b, t): yields (b, t, logits_B, logits_A), each
+    [n,1+n_after,vocab]. A (in-recurrence) runs token t (+ n_after) with the edits inside the forward, so the read at
+    t sees S'_t. B (cache edit, §5.4) steps token t unedited, applies the same edits to the cache's S_t
+    (models.common.apply_edits on the step's own writes), and runs token t + 1 (+ n_after): only the state carried
+    into t + 1 differs. One cache is walked along each block, as in branches()."""
+    by = {}
+    for b, t in points:
+        by.setdefault(b, set()).add(t)
+    bar, model = tqdm(total=sum(map(len, by.values())), desc="substitution", leave=False), site.model
+    for b in sorted(by):
+        cache, pos = None, 0
+        for t in sorted(by[b]):
+            rows = rows_fn(b, t)
+            n, edits = len(rows), [dataclasses.replace(e, batch=r) for r, es in enumerate(rows) for e in es]
+            with torch.no_grad():
+                if t > pos:
+                    cache = model(blocks[b][None, pos:t], cache=cache, use_cache=True, logits="none").cache
+                la = model(blocks[b][t:t + 1 + n_after].expand(n, -1),
+                           cache=None if cache is None else cache.repeat(n), edits=edits).logits
+                step = model(blocks[b][None, t:t + 1], cache=cache, use_cache=True, logits="none",
+                             capture=Capture((site.layer,)))
+                cache, pos = step.cache, t + 1
+                w = {k: x[:, 0].expand(n, *x.shape[2:]) for k, x in step.captures[site.layer].items()}  # [n,H,..]
+                cb, name = cache.repeat(n), cached_state(site, cache)
+                cb.layers[site.layer][name] = apply_edits(cb.layers[site.layer][name], w, edits, model.default_write)
+                lb = model(blocks[b][t + 1:t + 2 + n_after].expand(n, -1), cache=cb).logits
+            yield b, t, lb, la
+            bar.update()
+    bar.close()
+
 def firing_kls(site, blocks, scans, picked, gen, horizon=0):
-    """KL(p_base ‖ p_cond) of every condition at each firing (b, t), at t and summed over t..t+horizon."""
+    """KL between the unedited and each condition's next-token distribution at each firing (b, t): kl [N,2,2,5]
+    (reading B at t + 1, reading A at t; KL(p_base ‖ p_cond), KL(p_cond ‖ p_base); CONDS) at the first position,
+    kl_h summed over it and --horizon further positions."""
     def rows_fn(b, t):
         f = substitution_factors(site.dec_k, site.dec_v, scans[b]["codes"][t], *native(site, scans[b], t), gen)
         return [[]] + [[edit(site, t, "delete" if f[c] is None else "replace", f[c])] for c in CONDS]
 
-    R = {k: [] for k in ("block", "t", "atom", "onset", "kl", "kl_h", "cos", "norm_ratio")}
-    for b, t, logits in branches(site, blocks, picked, rows_fn, horizon, "substitution"):
+    def kls(logits):                                                          # -> [2 dirs,5,1+h]
         lp = logits.float().log_softmax(-1)                                   # [1+5,1+h,vocab]
-        kl = (lp[:1].exp() * (lp[:1] - lp[1:])).sum(-1)                       # [5,1+h]  KL(p_base ‖ p_cond)
+        return torch.stack([(lp[:1].exp() * (lp[:1] - lp[1:])).sum(-1), (lp[1:].exp() * (lp[1:] - lp[:1])).sum(-1)])
+
+    R = {k: [] for k in ("block", "t", "atom", "onset", "kl", "kl_h", "cos", "norm_ratio")}
+    for b, t, lb, la in substitution_branches(site, blocks, picked, rows_fn, horizon):
+        kl = torch.stack([kls(lb), kls(la)]).transpose(-1, -2).cpu()          # [2 readings,2 dirs,1+h,5]
         c = scans[b]["codes"]
         i = int(c[t].argmax())
         atom, nat = (c[t, i] * site.dec_k[i], site.dec_v[i]), native(site, scans[b], t)   # a_{i*}A_{i*}, W_nat
-        for k, v in zip(R, (b, t, i, t == 0 or c[t - 1, i].item() == 0, kl[:, 0].cpu(), kl.sum(1).cpu(),
+        for k, v in zip(R, (b, t, i, t == 0 or c[t - 1, i].item() == 0, kl[:, :, 0], kl.sum(2),
                             frob_cos(*atom, *nat).item(), (frob(*atom) / frob(*nat).clamp_min(1e-30)).item())):
             R[k].append(v)
     return {k: torch.stack(v) if k.startswith("kl") else torch.tensor(v) for k, v in R.items()}
 
+def subst_points(R, idx, args):
+    """The primary row's per-firing KLs (the figure data contract), ≤ 5000 drawn with the seed."""
+    idx = idx if len(idx) <= 5000 else torch.tensor(sample(idx.tolist(), 5000, seeded(args, 2)))
+    a, d, r = cond_kls(R, idx, args, SUBST_ROWS[next(iter(SUBST_ROWS))][1])
+    return {"row": next(iter(SUBST_ROWS)), "kl_atom": a.tolist(), "kl_delete": d.tolist(), "kl_random": r.tolist(),
+            "atom": R["atom"][idx].tolist()}
+
 def exp_subst(site, blocks, scans, args):
-    """KL of the three conditions at up to --max-firings firings (≤ --per-atom per dominant atom)."""
-    gen, cand = seeded(args, 0), {}
-    for b, sc in enumerate(scans):
-        c = sc["codes"]
-        for t in (c.amax(-1) > 0)[:len(c) - args.horizon].nonzero().flatten().tolist():
-            cand.setdefault(int(c[t].argmax()), []).append((b, t))
-    picked = []
-    for i in sorted(cand):
-        picked += [cand[i][j] for j in torch.randperm(len(cand[i]), generator=gen)[:args.per_atom].tolist()]
-    picked = sample(picked, args.max_firings, gen)
-    if not picked:
+    """KL of the three conditions at the firings of each row (SUBST_ROWS): the pool (§5.1) read from the edited
+    cache at t + 1 is the primary; the pool's in-recurrence and onset readings, the per-atom-capped draw and the
+    position-weighted draw are secondary. Every row carries how its firings were drawn and read."""
+    gen = seeded(args, 0)
+    draws, pool, feats, n_cand = firing_draws(scans, args, gen)
+    if not n_cand:
         raise ValueError("the SAE never fires on the held-out blocks: no firings to substitute")
-    R = firing_kls(site, blocks, scans, picked, gen, args.horizon)
+    union = sorted(set().union(*draws.values()))
+    R = firing_kls(site, blocks, scans, union, gen, args.horizon)
+    row_of = {p: j for j, p in enumerate(union)}
+    idx = {name: torch.tensor([row_of[p] for p in d], dtype=torch.long) for name, d in draws.items()}
     share = torch.cat([frob(*native(site, sc, slice(None))) / sc["S_norm"].clamp_min(1e-30) for sc in scans])
-    res = {"scale": args.scale, "horizon": args.horizon, "n_candidates": sum(map(len, cand.values())),
-           "mean_decay": torch.cat([sc["w"]["decay"].flatten() for sc in scans]).mean().item(),  # the head's memory
-           "median_write_share": share.median().item()}                                      # ‖W_nat‖ / ‖S_t‖
-    for name, mask in (("all", torch.ones_like(R["onset"])), ("onset", R["onset"])):
-        res[name] = subst_summary(R, mask, args)
+    res = {"scale": args.scale, "horizon": args.horizon, "n_candidates": n_cand, "primary": next(iter(SUBST_ROWS)),
+           "pool_features": feats, "mean_decay": torch.cat([sc["w"]["decay"].flatten() for sc in scans]).mean().item(),
+           "median_write_share": share.median().item()}                      # the head's memory; ‖W_nat‖ / ‖S_t‖
+    reading_text = {"cache": "cache edit (§5.4 B): S_t edited after step t, KL at t + 1",
+                    "recurrence": "in-recurrence (§5.4 A): the read at t sees S'_t, KL at t"}
+    short = {"pool": f"pool: {len(feats)} features × ≤ {args.pool_cap}", "per_atom": f"≤ {args.per_atom} per atom",
+             "positions": "uniform over positions", "cache": "cache edit, t + 1", "recurrence": "in-recurrence, t"}
+    for name, (draw, reading) in SUBST_ROWS.items():
+        onset = name.endswith("onset")
+        i = idx[draw][R["onset"][idx[draw]]] if onset else idx[draw]
+        res[name] = {"sampling": draw_text(draw, args) + (", onset firings only" if onset else ""),
+                     "reading": reading_text[reading], "label": f"{short[draw]}{', onset' if onset else ''}; "
+                     f"{short[reading]}", **subst_summary(R, i, args, reading)}
         if args.horizon:
-            res[name + f"_sum_h{args.horizon}"] = subst_summary(R, mask, args, "kl_h")
+            res[name + f"_sum_h{args.horizon}"] = subst_summary(R, i, args, reading, "kl_h")
+    a, d, _ = cond_kls(R, idx["pool"], args)
+    by = torch.tensor([pool[union[j]] for j in idx["pool"].tolist()])      # the feature that drew each firing
+    res["pool"]["by_feature"] = {i: {"n": int((by == i).sum()), "win": ((d - a) > tie(a, d))[by == i].float()
+                                     .mean().item()} for i in feats if (by == i).any()}
+    res["points"] = subst_points(R, idx["pool"], args)
     return res
 
 
@@ -555,6 +696,25 @@ def fmt(x, pct=False):
         return "–"
     return f"{100 * x:.1f}%" if pct else f"{x:.3g}"
 
+def subst_rows(s, primary, pct, ci, paper):
+    """A substitution row's headline lines: its win rate in both KL directions with Wilson and cluster-bootstrap
+    intervals; for the primary also the strict chain, the KL medians and the win by cosine quartile."""
+    label = f"{s['label']}{'' if primary else ', secondary'}"
+    cis2 = lambda k: (f"{ci(s[k + '_ci'])} Wilson; {ci(s[k + '_ci_passage'])} by passage; "  # noqa: E731
+                      f"{ci(s[k + '_ci_feature'])} by feature")
+    rows = [(f"substitution win, KL(base ‖ cond) ({label})", pct(s["win"]), s["n"], cis2("win"), paper("win")),
+            (f"substitution win, KL(cond ‖ base) ({label})", pct(s["win_rev"]), s["n"], cis2("win_rev"), "")]
+    if primary:
+        rows += [(f"strict chain ({label})", pct(s["chain"]), s["n"], ci(s["chain_ci"]), paper("chain")),
+                 (f"median KL atom : delete : random ({label})",
+                  " : ".join(f"{r:.2f}" for r in s["ratio_of_medians"]), s["n"], "", paper("ratio")),
+                 (f"win by quartile of cos(atom term, W_nat) ({label})", " / ".join(map(pct, s["by_cos"]["win"])),
+                  s["n"], "", "")]
+    if (p := s.get("population")) and "per dominant atom" in s["sampling"]:
+        rows.append((f"population test: mean per-atom win ({label})", pct(p["mean"]), f"{p['atoms']} atoms",
+                     ci(p["ci"]), paper("population")))
+    return rows
+
 def headline(res, arch):
     """Rows (quantity, ours, n, 95% CI, the paper's value and n) — the paper's from PAPER_NOTES.md §10."""
     rows, pct, ci = [], lambda x: fmt(x, True), lambda c, p=True: f"[{fmt(c[0], p)}, {fmt(c[1], p)}]"  # noqa: E731
@@ -562,18 +722,9 @@ def headline(res, arch):
     if "subst" in res:
         rows.append(("head memory: mean decay; median ‖W_nat‖ / ‖S_t‖", f"{res['subst']['mean_decay']:.3g}; "
                      f"{res['subst']['median_write_share']:.3g}", "", "", ""))
-    for name in ("all", "onset") if "subst" in res else ():
-        if (s := res["subst"][name]).get("n"):
-            rows += [(f"substitution win ({name} firings)", pct(s["win"]), s["n"], ci(s["win_ci"]), paper("win")),
-                     (f"strict chain ({name})", pct(s["chain"]), s["n"], ci(s["chain_ci"]), paper("chain")),
-                     (f"median KL atom : delete : random ({name})", " : ".join(f"{r:.2f}" for r in
-                                                                            s["ratio_of_medians"]), s["n"], "",
-                      paper("ratio")),
-                     (f"win by quartile of cos(atom term, W_nat) ({name})", " / ".join(map(pct, s["by_cos"]["win"])),
-                      s["n"], "", "")]
-            if p := s.get("population"):
-                rows.append((f"population test ({name})", pct(p["mean"]), f"{p['atoms']} atoms", ci(p["ci"]),
-                             paper("population")))
+    for name in SUBST_ROWS if "subst" in res else ():
+        if (s := res["subst"].get(name, {})).get("n"):
+            rows += subst_rows(s, name == res["subst"]["primary"], pct, ci, paper)
     if r := res.get("closed"):
         h = 1 if 1 in r["by_h"] else next(iter(r["by_h"]))
         c = r["by_h"][h]
@@ -642,7 +793,11 @@ FLAGS = [  # (flag, default, help): the type is the default's (a type: that type
     ("dtype", ("float32", "bfloat16", "float16"), None), ("seed", 2026, "the paper's substitution / Experiment C seed"),
     ("boot", 5000, "bootstrap resamples"), ("out", None, "report directory (default <run>/eval)"),
     # ---- 1. substitution ----
-    ("max-firings", 1000, None), ("per-atom", 30, "firings per dominant atom (population test cap)"),
+    ("pool", 8, "features in the firing pool (the primary row, PAPER_NOTES.md §5.1)"),
+    ("pool-cap", 300, "firings per pool feature"),
+    ("pool-rule", ("frequent", "random"), "pool features: the most firings, or drawn among the alive"),
+    ("max-firings", 1000, "firings of the per-atom and the position-weighted rows"),
+    ("per-atom", 30, "firings per dominant atom (the per-atom row and the population test cap)"),
     ("min-atom-firings", 5, "population test: atoms with at least this many"),
     ("scale", ("coef", "matched"), "headline atom/random scale"),
     ("horizon", 0, "also sum KL over this many further positions"),

@@ -22,7 +22,8 @@ SMALL = {
 }
 FAST = ["--max-firings", "24", "--cf-prompts", "6", "--cf-atoms", "3", "--cf-h", "0,1,4", "--erase-n", "8",
         "--sign-n", "24", "--install-prompts", "2", "--install-len", "12", "--gen-len", "4", "--amp-prompts", "3",
-        "--amp-prompt-len", "8", "--amp-len", "6", "--amp-features", "3", "--boot", "200", "--horizon", "2"]
+        "--amp-prompt-len", "8", "--amp-len", "6", "--amp-features", "3", "--boot", "200", "--horizon", "2",
+        "--pool", "3", "--pool-cap", "6"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -117,7 +118,8 @@ def test_native_atom_gives_zero_kl_and_a_null_atom_cannot_win(tiny):
     n = site.dec_k.shape[0]
     kls = {}
     for name in ("native", "null"):
-        for b, t in [(0, 0)] + [(b, int(writesae.frob(*ev.native(site, scans[b], slice(None))).argmax())) for b in (0, 1)]:
+        for b, t in [(0, 0)] + [(b, int(writesae.frob(*ev.native(site, scans[b], slice(0, -1))).argmax()))
+                                for b in (0, 1)]:
             nk, nv = ev.native(site, scans[b], t)
             if name == "null":
                 nk = torch.zeros_like(nk)
@@ -125,10 +127,11 @@ def test_native_atom_gives_zero_kl_and_a_null_atom_cannot_win(tiny):
             sc = dict(scans[b], codes=torch.nn.functional.one_hot(torch.tensor(3), n).float().expand(48, n))
             R = ev.firing_kls(one, ids[b:b + 1], [sc], [(0, t)], torch.Generator().manual_seed(0))
             kls.setdefault(name, []).append(R["kl"][0])
-    native, null = torch.stack(kls["native"]), torch.stack(kls["null"])      # [firings, conditions]
+    native, null = torch.stack(kls["native"]), torch.stack(kls["null"])  # [firings, readings, directions, conditions]
     a, d = ev.CONDS.index("atom"), ev.CONDS.index("delete")
-    assert native[:, a].abs().max() < 1e-6 < native[:, d].max(), (native[:, a], native[:, d])  # 0 up to fp32 rounding
-    assert (null[:, a] == null[:, d]).all() and not (ev.tie(null[:, a], null[:, d]) < null[:, d] - null[:, a]).any()
+    assert native[..., a].abs().max() < 1e-6, native[..., a]  # 0 up to fp32 rounding, both readings and directions
+    assert (native[..., d].flatten(1).amin(0) > 1e-6).all(), native[..., d]  # every reading and direction sees it
+    assert (null[..., a] == null[..., d]).all() and not (ev.tie(null[..., a], null[..., d]) < null[..., d] - null[..., a]).any()
 
 
 # ---- closed form ---------------------------------------------------------------------------------------------
@@ -177,14 +180,14 @@ def test_every_experiment_end_to_end(tiny, tmp_path):
     args = ev.parse_args(FAST)
     res = ev.evaluate(site, ids, args)
     assert set(res) == set(ev.EXPERIMENTS)
-    assert res["subst"]["all"]["n"] > 0 and 0 <= res["subst"]["all"]["win"] <= 1
+    assert res["subst"]["pool"]["n"] > 0 and 0 <= res["subst"]["pool"]["win"] <= 1
     assert res["sign"]["n"] == 24 and res["partition"]["alive"] > 0
     same = lambda r: json.dumps(r, sort_keys=True, default=float)  # noqa: E731  (NaN-safe equality)
     assert same(res) == same(ev.evaluate(site, ids, args))  # deterministic for a seed
     ev.write_report(tmp_path, res, {"model": "tiny", "arch": site.model.arch, "layer": site.layer,
                                     "head": site.head})
     md = (tmp_path / "report.md").read_text()
-    assert "| substitution win (all firings) |" in md and "| closed-form R² (ols" in md
+    assert "| substitution win, KL(base ‖ cond) (pool: 3 features × ≤ 6; cache edit, t + 1) |" in md and "| closed-form R² (ols" in md
     assert json.loads((tmp_path / "report.json").read_text())["meta"]["arch"] == site.model.arch
 
 
@@ -199,7 +202,7 @@ def test_cli_on_a_train_run(tmp_path, text):
                 "--head", "0,1", "--device", "cpu"])
     res = ev.main(["--run", str(run), "--head", "1", "--device", "cpu"] + FAST)
     md = (run / "eval" / "report.md").read_text()
-    assert "layer 2 head 1" in md and "held-out blocks × 48 tokens" in md and res["subst"]["all"]["n"] > 0
+    assert "layer 2 head 1" in md and "held-out blocks × 48 tokens" in md and res["subst"]["pool"]["n"] > 0
     with pytest.raises(ValueError, match="head 3 has no SAE"):
         ev.main(["--run", str(run), "--head", "3", "--exp", "partition"])
 
@@ -213,7 +216,7 @@ def test_cli_default_run_of_a_model(tmp_path, text, monkeypatch):
     out = train.main(["--model", "m2", "--data", "corpus.txt", "--seq-len", "48", "--n-seqs", "12", "--epochs", "1",
                       "--n-feat", "32", "--k", "4", "--batch", "64", "--device", "cpu"])
     res = ev.main(["--model", "m2", "--device", "cpu", "--exp", "subst"] + FAST)
-    assert (out / "eval" / "report.md").exists() and res["subst"]["all"]["n"] > 0
+    assert (out / "eval" / "report.md").exists() and res["subst"]["pool"]["n"] > 0
 
 
 def test_train_and_eval_on_the_demo_model(tmp_path, text):
@@ -229,4 +232,4 @@ def test_train_and_eval_on_the_demo_model(tmp_path, text):
     assert cfg["args"]["model"] == "demo/gdn" and cfg["args"]["lr"] == train.DEMO_LR
     assert cfg["site"]["layer"] == layer and cfg["site"]["heads"] == [head]
     res = ev.main(["--run", str(run), "--device", "cpu"] + FAST)
-    assert res["subst"]["all"]["n"] > 0 and f"demo/gdn layer {layer} head {head}" in (run / "eval" / "report.md").read_text()
+    assert res["subst"]["pool"]["n"] > 0 and f"demo/gdn layer {layer} head {head}" in (run / "eval" / "report.md").read_text()
