@@ -385,8 +385,8 @@ def firing_kls(site, blocks, scans, picked, gen, horizon=0):
         f = substitution_factors(site.dec_k, site.dec_v, scans[b]["codes"][t], *native(site, scans[b], t), gen)
         return [[]] + [[edit(site, t, "delete" if f[c] is None else "replace", f[c])] for c in CONDS]
 
-    def kls(logits):                                                          # -> [2 dirs,5,1+h]
-        lp = logits.float().log_softmax(-1)                                   # [1+5,1+h,vocab]
+    def kls(logits):  # -> [2 dirs,5,1+h]; in fp64, where a KL near 0 keeps its sign
+        lp = logits.double().log_softmax(-1)                                  # [1+5,1+h,vocab]
         return torch.stack([(lp[:1].exp() * (lp[:1] - lp[1:])).sum(-1), (lp[1:].exp() * (lp[1:] - lp[:1])).sum(-1)])
 
     R = {k: [] for k in ("block", "t", "atom", "onset", "kl", "kl_h", "cos", "norm_ratio")}

@@ -233,3 +233,116 @@ def test_train_and_eval_on_the_demo_model(tmp_path, text):
     assert cfg["site"]["layer"] == layer and cfg["site"]["heads"] == [head]
     res = ev.main(["--run", str(run), "--device", "cpu"] + FAST)
     assert res["subst"]["pool"]["n"] > 0 and f"demo/gdn layer {layer} head {head}" in (run / "eval" / "report.md").read_text()
+
+
+# ---- substitution protocol ----------------------------------------------------------------------------------
+
+def test_cluster_bootstrap_known_case_and_wider_than_wilson():
+    """Clusters that are all wins or all losses: resampling 100 clusters is a binomial over clusters, so the interval
+    is ≈ p ± 1.96·√(p(1 − p)/100), far wider than Wilson over the 2,000 firings; singleton clusters match Wilson."""
+    x = torch.tensor(([1.0] * 30 + [0.0] * 70)).repeat_interleave(20)       # 100 clusters of 20 firings, p = 0.3
+    clusters = torch.arange(100).repeat_interleave(20)
+    lo, hi = ev.cluster_bootstrap(x, clusters, 5000, seed=0)
+    half = 1.96 * (0.3 * 0.7 / 100) ** 0.5
+    assert abs(lo - (0.3 - half)) < 0.015 and abs(hi - (0.3 + half)) < 0.015, (lo, hi)
+    w = ev.wilson(600, 2000)
+    assert hi - lo > 3 * (w[1] - w[0])
+    lo1, hi1 = ev.cluster_bootstrap(x, torch.arange(2000), 5000, seed=0)
+    assert abs(lo1 - w[0]) < 0.01 and abs(hi1 - w[1]) < 0.01, (lo1, hi1, w)
+
+
+def fake_scans(dominant, n_feat=8):
+    """Scans with only codes: one block per row of `dominant` [B,T] (the dominant atom at each position, −1 = silent),
+    every firing also firing feature 7 weakly."""
+    scans = []
+    for row in dominant:
+        c = torch.zeros(len(row), n_feat)
+        on = row >= 0
+        c[on.nonzero().flatten(), row[on]] = 1.0
+        c[on, 7] = 0.1
+        scans.append({"codes": c})
+    return scans
+
+
+def test_pool_rule_caps_and_seed():
+    g = torch.Generator().manual_seed(0)
+    dom = torch.randint(-1, 6, (10, 60), generator=g)
+    scans = fake_scans(dom)
+    args = ev.parse_args(["--pool", "3", "--pool-cap", "25", "--horizon", "0"])
+    draws, pool, feats, n_cand = ev.firing_draws(scans, args, ev.seeded(args, 0))
+    counts = torch.stack([(sc["codes"][:-1] > 0).sum(0) for sc in scans]).sum(0)
+    assert len(feats) == 3 and feats[0] == 7 and set(feats) == set(counts.topk(3).indices.tolist())  # most firings
+    assert n_cand == int((dom[:, :-1] >= 0).sum())
+    assert set(pool) == set(draws["pool"]) and all(t < 59 for _, t in draws["pool"])  # t + 1 is in the block
+    for i in feats:  # ≤ cap per feature, and each drawn firing fires its feature
+        mine = [p for p, f in pool.items() if f == i]
+        assert len(mine) <= 25 and all(scans[b]["codes"][t, i] > 0 for b, t in mine)
+    assert len(draws["pool"]) == len(set(draws["pool"])) > 25  # deduplicated, more than one feature's worth
+    again = ev.firing_draws(scans, args, ev.seeded(args, 0))[0]
+    other = ev.firing_draws(scans, ev.parse_args(["--pool", "3", "--pool-cap", "25", "--seed", "7"]),
+                            torch.Generator().manual_seed(7))[0]
+    assert again == draws and other["pool"] != draws["pool"]
+    rnd = ev.parse_args(["--pool", "3", "--pool-cap", "25", "--pool-rule", "random"])
+    assert len(ev.firing_draws(scans, rnd, ev.seeded(rnd, 0))[2]) == 3
+
+
+def test_position_weighted_draw_is_uniform_over_positions():
+    """One atom dominates 90% of the firing positions: the position draw keeps that share, the per-atom draw caps it."""
+    g = torch.Generator().manual_seed(1)
+    dom = torch.where(torch.rand(40, 50, generator=g) < 0.9, 0, torch.randint(1, 7, (40, 50), generator=g))
+    scans = fake_scans(dom)
+    args = ev.parse_args(["--max-firings", "400", "--per-atom", "30", "--horizon", "0"])
+    draws = ev.firing_draws(scans, args, ev.seeded(args, 0))[0]
+    share = lambda pts: sum(int(dom[b, t]) == 0 for b, t in pts) / len(pts)  # noqa: E731
+    assert len(draws["positions"]) == 400 and abs(share(draws["positions"]) - 0.9) < 0.05
+    assert share(draws["per_atom"]) <= 30 / len(draws["per_atom"]) + 1e-9
+    everything = ev.firing_draws(scans, ev.parse_args(["--max-firings", "100000", "--horizon", "0"]),
+                                 ev.seeded(args, 0))[0]["positions"]
+    assert everything == [(b, t) for b in range(40) for t in range(49)]  # every candidate position, once
+
+
+STATE_ENTRY = {"qwen35": "state", "mamba2": "ssm", "rwkv7": "S"}  # each model file's Cache docstring
+
+
+@pytest.mark.parametrize("arch", ["gdn", "mamba2", "rwkv7"])
+def test_cache_reading_equals_a_literal_cache_edit(arch, tmp_path, text):
+    """Reading B's KL is that of prefilling through t, overwriting head h's S_t in a copied Cache with
+    S_t − W_nat + X, and stepping token t + 1. The site is the first write layer, so later layers see position t:
+    an edit inside the forward at t (reading A's logits at t + 1) gives a different KL there."""
+    model, tok, ids = build(arch, tmp_path, text)
+    K, V = model.state_shape
+    cfg = writesae.SAEConfig(d_k=K, d_v=V, n_feat=32, k=4, rank=2 if model.arch == "rwkv7" else 1)
+    layer, head = model.write_layers[0], 1
+    site = ev.make_site(model, tok, writesae.WriteSAE(cfg, seed=0), 0, layer, head, model.default_write)
+    sc = ev.scan(site, ids[0])
+    points = [(0, 5), (0, 20), (0, 31)]
+    R = ev.firing_kls(site, ids[:1], [sc], points, torch.Generator().manual_seed(0), horizon=1)
+    a, d = ev.CONDS.index("atom"), ev.CONDS.index("delete")
+    for j, (_, t) in enumerate(points):
+        with torch.no_grad():
+            pre = model(ids[:1, :t + 1], use_cache=True).cache
+            S = pre.layers[layer][STATE_ENTRY[model.arch]][0, head].clone()
+            i = int(sc["codes"][t].argmax())
+            nk, nv = ev.native(site, sc, t)
+            W = torch.einsum("rk,rv->kv", nk, nv)
+            X = torch.einsum("rk,rv->kv", sc["codes"][t, i] * site.dec_k[i], site.dec_v[i])
+            base = model(ids[:1, t + 1:t + 3], cache=pre.copy()).logits.double().log_softmax(-1)  # [1,2,vocab]
+            for c, new in ((a, S - W + X), (d, S - W)):
+                cache = pre.copy()
+                cache.layers[layer][STATE_ENTRY[model.arch]][0, head] = new
+                lp = model(ids[:1, t + 1:t + 3], cache=cache).logits.double().log_softmax(-1)
+                fwd = (base.exp() * (base - lp)).sum(-1)[0]                   # [2] at t + 1, t + 2
+                rev = (lp.exp() * (lp - base)).sum(-1)[0]
+                assert torch.allclose(R["kl"][j, 0, 0, c], fwd[0], rtol=1e-2, atol=1e-6), (c, R["kl"][j, 0, 0, c], fwd)
+                assert torch.allclose(R["kl"][j, 0, 1, c], rev[0], rtol=1e-2, atol=1e-6)
+                assert torch.allclose(R["kl_h"][j, 0, 0, c], fwd.sum(), rtol=1e-2, atol=1e-6)
+        assert (R["kl"] >= -1e-12).all() and not torch.allclose(R["kl"][:, 0, 0], R["kl"][:, 0, 1])
+    # reading A's logits at t + 1 (the edit inside the forward at t) are not reading B: position t changed too
+    rows = lambda b, t: [[]] + [[ev.edit(site, t, "delete")]]  # noqa: E731
+    def kl_delete(logits, j):  # KL(p_base ‖ p_delete) at the j-th position of these logits
+        lp = logits.double().log_softmax(-1)
+        return (lp[0, j].exp() * (lp[0, j] - lp[1, j])).sum()
+    inside = [(lb, la) for _, _, lb, la in ev.substitution_branches(site, ids[:1], points, rows, 1)]
+    kl_b, kl_a1 = (torch.stack([kl_delete(x[k], k) for x in inside]) for k in (0, 1))  # B at t + 1, A at t + 1
+    assert torch.allclose(kl_b, R["kl"][:, 0, 0, d], rtol=1e-2, atol=1e-6)
+    assert not torch.allclose(kl_a1, kl_b, rtol=1e-2)
