@@ -463,7 +463,8 @@ def exp_subst(site, blocks, scans, args):
            "primary": next(iter(SUBST_ROWS)), "pool_features": feats,
            "mean_decay": torch.cat([sc["w"]["decay"].flatten() for sc in scans]).mean().item(),
            "median_write_share": share.median().item()}                    # ‖W_nat‖ / ‖S_t‖
-    short = {"pool": f"pool: {len(feats)} features × ≤ {args.pool_cap}",
+    rule = "most-firing" if args.pool_rule == "frequent" else "random"
+    short = {"pool": f"pool: {len(feats)} {rule} features × ≤ {args.pool_cap}",
              "per_atom": f"≤ {args.per_atom} per atom", "positions": "uniform over positions",
              "cache": "cache edit, t + 1", "recurrence": "in-recurrence, t"}
     for name, (draw, reading) in SUBST_ROWS.items():

@@ -189,7 +189,7 @@ def test_every_experiment_end_to_end(tiny, tmp_path):
     ev.write_report(tmp_path, res, {"model": "tiny", "arch": site.model.arch, "layer": site.layer,
                                     "head": site.head})
     md = (tmp_path / "report.md").read_text()
-    assert "| substitution win (pool: 3 features × ≤ 6; cache edit, t + 1): KL(base ‖ cond); " in md
+    assert "| substitution win (pool: 3 most-firing features × ≤ 6; cache edit, t + 1): " in md
     assert "| closed-form R² (ols" in md
     s = res["subst"]
     assert all(s[name]["sampling"] and s[name]["reading"] for name in ev.SUBST_ROWS)
