@@ -12,8 +12,13 @@ Glossary (DESIGN.md §4; PAPER_NOTES.md §5–§8)
   W_nat         the native write at t (the run's --write: additive or increment), factors [r,K], [r,V]
   conditions    S'_t = S_t − W_nat + X: atom X = a_{i*} A_{i*}; delete X = 0; random X Gaussian rank-r at the
                 atom term's Frobenius norm; *_matched: atom and random at ‖W_nat‖_F
-  KL            KL(p_base ‖ p_cond) over the full vocabulary at the edited position t (the read at t already sees
-                S'_t), plus the sum over --horizon further positions
+  pool          the substitution's primary firings (PAPER_NOTES.md §5.1): --pool features,
+                ≤ --pool-cap firings (a_i(t) > 0) each, the dominant atom substituted; secondary
+                rows draw ≤ --per-atom per dominant atom, or uniformly over the firing positions
+  reading       cache edit (§5.4 B, primary): S_t edited in the cache after an unedited step t,
+                the distribution at t + 1; in-recurrence (A): the read at t sees S'_t, at t
+  KL            KL(p_base ‖ p_cond) over the full vocabulary (the released code's direction) and
+                KL(p_cond ‖ p_base) (the paper's text), plus the sum over --horizon more positions
   win / chain   KL_atom < KL_delete (ties are losses) / KL_atom < KL_delete < KL_random
   branch        prefill the block once up to t (one cache walked along the block), then cache.repeat(n) and
                 one forward of token t (+ horizon) with one edited row per condition
@@ -34,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from models import Capture, Edit, load_model
+from models.common import apply_edits
 from writesae import (WriteSAE, atom_write_cosines, frob, frob_cos, install_direction, install_factors,
                       logit_shift_prediction, shift_predictions, substitution_factors)
 
@@ -62,6 +68,21 @@ def bootstrap_ci(x, stat="mean", n_boot=5000, seed=0, level=0.95):
     xs = x[torch.randint(len(x), (n_boot, len(x)), generator=torch.Generator().manual_seed(seed))]  # [n_boot,n]
     s = xs.mean(1) if stat == "mean" else xs.median(1).values
     lo, hi = torch.quantile(s, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=F64))
+    return (lo.item(), hi.item())
+
+def cluster_bootstrap(x, clusters, n_boot=5000, seed=0, level=0.95):
+    """Percentile interval of the pooled mean of x when whole clusters (passages, features) are
+    resampled with replacement (App. F.2): each resample draws as many clusters as there are, and
+    its pooled mean is Σx / Σn over the clusters drawn."""
+    x = torch.as_tensor(x, dtype=F64)
+    ids, inv = torch.as_tensor(clusters).unique(return_inverse=True)
+    C = len(ids)
+    s = torch.zeros(C, dtype=F64).index_add_(0, inv, x)                       # [C] per-cluster sums
+    n = torch.bincount(inv, minlength=C).double()                             # [C] sizes
+    pick = torch.randint(C, (n_boot, C), generator=torch.Generator().manual_seed(seed))
+    w = torch.zeros(n_boot, C, dtype=F64).scatter_add_(1, pick, torch.ones_like(pick, dtype=F64))
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=F64)
+    lo, hi = torch.quantile((w @ s) / (w @ n), q)                             # [n_boot] -> 2
     return (lo.item(), hi.item())
 
 def sign_stats(d, tie=1e-12):
@@ -231,78 +252,240 @@ def seeded(args, j):
 # ==== Experiment 1: the substitution test (§3.2, App. J) ====
 
 CONDS = ("atom", "delete", "random", "atom_matched", "random_matched")
+# R["kl"] is [firing, reading, direction, condition]: readings §5.4 B at t + 1 (primary) and A at t;
+# directions KL(p_base ‖ p_cond) (primary, the released code's) and KL(p_cond ‖ p_base) (the text's)
+READINGS = ("cache", "recurrence")
+SUBST_ROWS = {  # name: (the firings it draws, its reading); the first is the headline's primary row
+    "pool": ("pool", "cache"), "pool_recurrence": ("pool", "recurrence"),
+    "pool_onset": ("pool", "cache"), "per_atom": ("per_atom", "cache"),
+    "per_atom_recurrence": ("per_atom", "recurrence"), "positions": ("positions", "cache")}
 
 def tie(a, d):  # equal KLs (e.g. an atom X = 0 against delete) are not wins
     return 1e-6 * torch.maximum(a.abs(), d.abs()) + 1e-12
 
-def subst_summary(R, mask, args, key="kl"):
+def draw_text(name, args):
+    """How a row's firings were drawn, for the report."""
+    feats = (f"the {args.pool} features with the most firings" if args.pool_rule == "frequent"
+             else f"{args.pool} features drawn among the alive (seed {args.seed})")
+    return {"pool": f"{feats}, ≤ {args.pool_cap} firings (a_i(t) > 0) each (seed {args.seed}), "
+                    "deduplicated, the dominant atom substituted",
+            "per_atom": f"≤ {args.per_atom} firings per dominant atom, then ≤ {args.max_firings}",
+            "positions": f"{args.max_firings} positions drawn uniformly among the held-out "
+                         "positions where the SAE fires (position-weighted)"}[name]
+
+def firing_draws(scans, args, gen):
+    """-> ({draw: sorted (block, t) list}, {pool firing: the feature that drew it}, the pool's
+    features, the number of candidates). Candidates: positions where the SAE fires and t + 1 +
+    horizon is in the block (reading B reads t + 1).
+      pool (§5.1)  firings of feature i are positions with a_i(t) > 0; the --pool features with
+                   the most firings (--pool-rule frequent) or drawn among the alive (random),
+                   ≤ --pool-cap firings each, deduplicated
+      per_atom     ≤ --per-atom per dominant atom, then ≤ --max-firings
+      positions    --max-firings drawn uniformly among the candidates"""
+    T = [len(sc["codes"]) - 1 - args.horizon for sc in scans]
+    where = [(b, t) for b, n in enumerate(T) for t in range(n)]
+    C = torch.cat([sc["codes"][:n] for sc, n in zip(scans, T)]).cpu()             # [P,n_feat]
+    fires = C.amax(-1) > 0
+    counts = (C[fires] > 0).sum(0)                                                 # [n_feat]
+    alive = (counts > 0).nonzero().flatten()
+    if args.pool_rule == "frequent":
+        feats = counts.topk(min(args.pool, len(alive))).indices
+    else:
+        feats = alive[torch.randperm(len(alive), generator=gen)[:args.pool]]
+    pool = {}
+    for i in feats.tolist():
+        at = (C[:, i] > 0).nonzero().flatten()
+        for j in at[torch.randperm(len(at), generator=gen)[:args.pool_cap]].tolist():
+            pool.setdefault(where[j], i)
+    dom, cand = C.argmax(-1), fires.nonzero().flatten()
+    per_atom = []
+    for i in dom[cand].unique().tolist():
+        at = cand[dom[cand] == i]
+        per_atom += at[torch.randperm(len(at), generator=gen)[:args.per_atom]].tolist()
+    draws = {"pool": sorted(pool),
+             "per_atom": sorted(where[j] for j in sample(per_atom, args.max_firings, gen)),
+             "positions": sorted(where[j] for j in sample(cand.tolist(), args.max_firings, gen))}
+    return draws, pool, feats.tolist(), len(cand)
+
+def cond_kls(R, idx, args, reading="cache", direction=0, key="kl"):
+    """KL_atom, KL_delete, KL_random (at --scale) of the firings idx: one reading, one direction."""
     sfx = "_matched" if args.scale == "matched" else ""
-    a, d, r = (R[key][:, CONDS.index(c)][mask] for c in ("atom" + sfx, "delete", "random" + sfx))
+    kl = R[key][idx][:, READINGS.index(reading), direction]                        # [n,5]
+    return tuple(kl[:, CONDS.index(c)].contiguous()
+                 for c in ("atom" + sfx, "delete", "random" + sfx))
+
+def win_stats(a, d, R, idx, args, name):
+    """Win rate (KL_atom < KL_delete) with its Wilson and cluster-bootstrap intervals (by passage,
+    by dominant atom)."""
+    win = (d - a) > tie(a, d)
+    k, n = int(win.sum()), len(win)
+    boot = lambda c: cluster_bootstrap(win.double(), c, args.boot, args.seed)  # noqa: E731
+    return win, {name: k / n, f"{name}_ci": wilson(k, n),
+                 f"{name}_ci_passage": boot(R["block"][idx]),
+                 f"{name}_ci_feature": boot(R["atom"][idx])}
+
+def population(win, atoms, args):
+    """The population test (App. F.2): the mean of per-atom win rates, ≤ --per-atom firings each."""
+    per = [w for w in (win[atoms == i][:args.per_atom] for i in atoms.unique())
+           if len(w) >= args.min_atom_firings]
+    if not per:
+        return None
+    p = torch.tensor([w.float().mean().item() for w in per])
+    return {"atoms": len(per), "firings": sum(map(len, per)), "mean": p.mean().item(),
+            "median": p.median().item(), "ci": bootstrap_ci(p, "mean", args.boot, args.seed),
+            "range": [p.min().item(), p.max().item()]}
+
+def subst_summary(R, idx, args, reading="cache", key="kl"):
+    """The statistics of one row: the firings idx (indices into R), one reading, both directions."""
+    a, d, r = cond_kls(R, idx, args, reading, 0, key)
     if len(a) == 0:
         return {"n": 0}
-    win, n = (d - a) > tie(a, d), len(a)
-    chain = win & ((r - d) > tie(d, r))
+    ar, dr, rr = cond_kls(R, idx, args, reading, 1, key)
+    win, out = win_stats(a, d, R, idx, args, "win")
+    win_rev, rev = win_stats(ar, dr, R, idx, args, "win_rev")
+    chain, n = win & ((r - d) > tie(d, r)), len(a)
     med = {c: median_mad(x) for c, x in (("atom", a), ("delete", d), ("random", r))}
     def by_quartile(x):  # win rate in each quartile of x over these firings, with the quartile edges
         edges = torch.quantile(x.double(), torch.tensor([.25, .5, .75], dtype=F64))
         q = torch.bucketize(x.double(), edges)
         return {"edges": edges.tolist(), "win": [win[q == j].float().mean().item() for j in range(4)]}
-    out = {"n": n, "win": win.float().mean().item(), "win_ci": wilson(int(win.sum()), n),
-           "chain": chain.float().mean().item(), "chain_ci": wilson(int(chain.sum()), n), "median": med,
-           "ratio_of_medians": [1.0] + [med[c][0] / max(med["atom"][0], 1e-30) for c in ("delete", "random")],
-           "per_firing_ratio": {c: (x / a.clamp_min(1e-30)).median().item() for c, x in (("delete", d), ("random", r))},
-           "sign": sign_stats(torch.where((d - a).abs() > tie(a, d), d - a, torch.zeros_like(d))),
-           "by_delete_kl": by_quartile(d), "by_cos": by_quartile(R["cos"][mask]),
-           "by_norm_ratio": by_quartile(R["norm_ratio"][mask]), "median_cos": R["cos"][mask].median().item()}
-    atoms = R["atom"][mask]  # population test: the mean of per-atom win rates (≤ --per-atom firings each)
-    per = [w for w in (win[atoms == i][:args.per_atom] for i in atoms.unique()) if len(w) >= args.min_atom_firings]
-    if per:
-        p = torch.tensor([w.float().mean().item() for w in per])
-        out["population"] = {"atoms": len(per), "firings": sum(map(len, per)), "mean": p.mean().item(),
-                             "median": p.median().item(), "ci": bootstrap_ci(p, "mean", args.boot, args.seed),
-                             "range": [p.min().item(), p.max().item()]}
+    out |= rev | {
+        "n": n, "chain": chain.float().mean().item(), "chain_ci": wilson(int(chain.sum()), n),
+        "chain_rev": (win_rev & ((rr - dr) > tie(dr, rr))).float().mean().item(), "median": med,
+        "median_rev": {c: median_mad(x) for c, x in (("atom", ar), ("delete", dr), ("random", rr))},
+        "ratio_of_medians": [1.0] + [med[c][0] / max(med["atom"][0], 1e-30)
+                                     for c in ("delete", "random")],
+        "per_firing_ratio": {c: (x / a.clamp_min(1e-30)).median().item()
+                             for c, x in (("delete", d), ("random", r))},
+        "sign": sign_stats(torch.where((d - a).abs() > tie(a, d), d - a, torch.zeros_like(d))),
+        "by_delete_kl": by_quartile(d), "by_cos": by_quartile(R["cos"][idx]),
+        "by_norm_ratio": by_quartile(R["norm_ratio"][idx]),
+        "median_cos": R["cos"][idx].median().item()}
+    if p := population(win, R["atom"][idx], args):
+        out["population"] = p
     return out
 
+def cached_state(site, cache):
+    """The name of the site layer's state [B,H,K,V] in a Cache: its one entry of that shape."""
+    layer, (K, V) = cache.layers[site.layer], site.model.state_shape
+    B = next(iter(layer.values())).shape[0]
+    names = [n for n, x in layer.items() if tuple(x.shape) == (B, site.model.n_heads, K, V)]
+    if len(names) != 1:
+        raise ValueError(f"layer {site.layer}'s cache has {len(names)} entries shaped as its state")
+    return names[0]
+
+def substitution_branches(site, blocks, points, rows_fn, n_after=0):
+    """Both readings of one edit list per row at each (b, t): yields (b, t, logits_B, logits_A),
+    each [n,1+n_after,vocab]. A (in-recurrence) runs token t (+ n_after) with the edits inside the
+    forward: the read at t sees S'_t. B (cache edit, §5.4) steps token t unedited, applies the same
+    edits to the cache's S_t (apply_edits on the step's own writes) and runs token t + 1
+    (+ n_after): only the state carried into t + 1 differs. One cache walks along each block."""
+    by, model = {}, site.model
+    for b, t in points:
+        by.setdefault(b, set()).add(t)
+    bar = tqdm(total=sum(map(len, by.values())), desc="substitution", leave=False)
+    for b in sorted(by):
+        cache, pos = None, 0
+        for t in sorted(by[b]):
+            rows = rows_fn(b, t)
+            n = len(rows)
+            edits = [dataclasses.replace(e, batch=r) for r, es in enumerate(rows) for e in es]
+            with torch.no_grad():
+                if t > pos:
+                    cache = model(blocks[b][None, pos:t], cache=cache, use_cache=True,
+                                  logits="none").cache
+                la = model(blocks[b][t:t + 1 + n_after].expand(n, -1),
+                           cache=None if cache is None else cache.repeat(n), edits=edits).logits
+                step = model(blocks[b][None, t:t + 1], cache=cache, use_cache=True, logits="none",
+                             capture=Capture((site.layer,)))
+                cache, pos = step.cache, t + 1
+                w = {k: x[:, 0].expand(n, *x.shape[2:])                            # [n,H,..]
+                     for k, x in step.captures[site.layer].items()}
+                cb, name = cache.repeat(n), cached_state(site, cache)
+                S = cb.layers[site.layer]
+                S[name] = apply_edits(S[name], w, edits, model.default_write)
+                lb = model(blocks[b][t + 1:t + 2 + n_after].expand(n, -1), cache=cb).logits
+            yield b, t, lb, la
+            bar.update()
+    bar.close()
+
 def firing_kls(site, blocks, scans, picked, gen, horizon=0):
-    """KL(p_base ‖ p_cond) of every condition at each firing (b, t), at t and summed over t..t+horizon."""
+    """The KLs between the unedited and each condition's next-token distribution at each firing
+    (b, t): kl [N,2,2,5] (READINGS, both directions, CONDS) at the reading's first position, kl_h
+    summed over it and `horizon` further positions."""
     def rows_fn(b, t):
-        f = substitution_factors(site.dec_k, site.dec_v, scans[b]["codes"][t], *native(site, scans[b], t), gen)
+        f = substitution_factors(site.dec_k, site.dec_v, scans[b]["codes"][t],
+                                 *native(site, scans[b], t), gen)
         return [[]] + [[edit(site, t, "delete" if f[c] is None else "replace", f[c])] for c in CONDS]
 
+    def kls(logits):  # -> [2,5,1+h]; in fp64, where a KL near 0 keeps its sign
+        lp = logits.double().log_softmax(-1)                                       # [1+5,1+h,vocab]
+        return torch.stack([(lp[:1].exp() * (lp[:1] - lp[1:])).sum(-1),
+                            (lp[1:].exp() * (lp[1:] - lp[:1])).sum(-1)])
+
     R = {k: [] for k in ("block", "t", "atom", "onset", "kl", "kl_h", "cos", "norm_ratio")}
-    for b, t, logits in branches(site, blocks, picked, rows_fn, horizon, "substitution"):
-        lp = logits.float().log_softmax(-1)                                   # [1+5,1+h,vocab]
-        kl = (lp[:1].exp() * (lp[:1] - lp[1:])).sum(-1)                       # [5,1+h]  KL(p_base ‖ p_cond)
+    for b, t, lb, la in substitution_branches(site, blocks, picked, rows_fn, horizon):
+        kl = torch.stack([kls(lb), kls(la)]).transpose(-1, -2).cpu()               # [2,2,1+h,5]
         c = scans[b]["codes"]
         i = int(c[t].argmax())
-        atom, nat = (c[t, i] * site.dec_k[i], site.dec_v[i]), native(site, scans[b], t)   # a_{i*}A_{i*}, W_nat
-        for k, v in zip(R, (b, t, i, t == 0 or c[t - 1, i].item() == 0, kl[:, 0].cpu(), kl.sum(1).cpu(),
-                            frob_cos(*atom, *nat).item(), (frob(*atom) / frob(*nat).clamp_min(1e-30)).item())):
+        atom, nat = (c[t, i] * site.dec_k[i], site.dec_v[i]), native(site, scans[b], t)
+        for k, v in zip(R, (b, t, i, t == 0 or c[t - 1, i].item() == 0, kl[:, :, 0], kl.sum(2),
+                            frob_cos(*atom, *nat).item(),
+                            (frob(*atom) / frob(*nat).clamp_min(1e-30)).item())):
             R[k].append(v)
     return {k: torch.stack(v) if k.startswith("kl") else torch.tensor(v) for k, v in R.items()}
 
+def subst_points(R, idx, args):
+    """The primary row's per-firing KLs (the figure data contract), ≤ 5000 drawn with the seed."""
+    if len(idx) > 5000:
+        idx = torch.tensor(sample(idx.tolist(), 5000, seeded(args, 2)))
+    row = next(iter(SUBST_ROWS))
+    a, d, r = cond_kls(R, idx, args, SUBST_ROWS[row][1])
+    return {"row": row, "kl_atom": a.tolist(), "kl_delete": d.tolist(), "kl_random": r.tolist(),
+            "atom": R["atom"][idx].tolist()}
+
+READING_TEXT = {"cache": "cache edit (§5.4 B): S_t edited after step t, KL at t + 1",
+                "recurrence": "in-recurrence (§5.4 A): the read at t sees S'_t, KL at t"}
+
 def exp_subst(site, blocks, scans, args):
-    """KL of the three conditions at up to --max-firings firings (≤ --per-atom per dominant atom)."""
-    gen, cand = seeded(args, 0), {}
-    for b, sc in enumerate(scans):
-        c = sc["codes"]
-        for t in (c.amax(-1) > 0)[:len(c) - args.horizon].nonzero().flatten().tolist():
-            cand.setdefault(int(c[t].argmax()), []).append((b, t))
-    picked = []
-    for i in sorted(cand):
-        picked += [cand[i][j] for j in torch.randperm(len(cand[i]), generator=gen)[:args.per_atom].tolist()]
-    picked = sample(picked, args.max_firings, gen)
-    if not picked:
+    """KL of the three conditions at the firings of each row (SUBST_ROWS): the pool (§5.1) read from
+    the edited cache at t + 1 is the primary; the pool's in-recurrence and onset readings, the
+    per-atom-capped and the position-weighted draws are secondary. The KLs are computed once per
+    distinct firing; every row carries how its firings were drawn and read."""
+    gen = seeded(args, 0)
+    draws, pool, feats, n_cand = firing_draws(scans, args, gen)
+    if not n_cand:
         raise ValueError("the SAE never fires on the held-out blocks: no firings to substitute")
-    R = firing_kls(site, blocks, scans, picked, gen, args.horizon)
-    share = torch.cat([frob(*native(site, sc, slice(None))) / sc["S_norm"].clamp_min(1e-30) for sc in scans])
-    res = {"scale": args.scale, "horizon": args.horizon, "n_candidates": sum(map(len, cand.values())),
-           "mean_decay": torch.cat([sc["w"]["decay"].flatten() for sc in scans]).mean().item(),  # the head's memory
-           "median_write_share": share.median().item()}                                      # ‖W_nat‖ / ‖S_t‖
-    for name, mask in (("all", torch.ones_like(R["onset"])), ("onset", R["onset"])):
-        res[name] = subst_summary(R, mask, args)
+    union = sorted(set().union(*draws.values()))
+    R = firing_kls(site, blocks, scans, union, gen, args.horizon)
+    row_of = {p: j for j, p in enumerate(union)}
+    idx = {name: torch.tensor([row_of[p] for p in d], dtype=torch.long)
+           for name, d in draws.items()}
+    share = torch.cat([frob(*native(site, sc, slice(None))) / sc["S_norm"].clamp_min(1e-30)
+                       for sc in scans])
+    res = {"scale": args.scale, "horizon": args.horizon, "n_candidates": n_cand,
+           "primary": next(iter(SUBST_ROWS)), "pool_features": feats,
+           "mean_decay": torch.cat([sc["w"]["decay"].flatten() for sc in scans]).mean().item(),
+           "median_write_share": share.median().item()}                    # ‖W_nat‖ / ‖S_t‖
+    rule = "most-firing" if args.pool_rule == "frequent" else "random"
+    short = {"pool": f"pool: {len(feats)} {rule} features × ≤ {args.pool_cap}",
+             "per_atom": f"≤ {args.per_atom} per atom", "positions": "uniform over positions",
+             "cache": "cache edit, t + 1", "recurrence": "in-recurrence, t"}
+    for name, (draw, reading) in SUBST_ROWS.items():
+        onset = name.endswith("onset")
+        i = idx[draw][R["onset"][idx[draw]]] if onset else idx[draw]
+        res[name] = {"sampling": draw_text(draw, args) + (", onset firings only" if onset else ""),
+                     "reading": READING_TEXT[reading],
+                     "label": f"{short[draw]}{', onset' if onset else ''}; {short[reading]}",
+                     **subst_summary(R, i, args, reading)}
         if args.horizon:
-            res[name + f"_sum_h{args.horizon}"] = subst_summary(R, mask, args, "kl_h")
+            res[name + f"_sum_h{args.horizon}"] = subst_summary(R, i, args, reading, "kl_h")
+    a, d, _ = cond_kls(R, idx["pool"], args)
+    win, by = (d - a) > tie(a, d), torch.tensor([pool[union[j]] for j in idx["pool"].tolist()])
+    res["pool"]["by_feature"] = {  # the win rate of the firings each pool feature drew
+        i: {"n": int((by == i).sum()), "win": win[by == i].float().mean().item()}
+        for i in feats if (by == i).any()}
+    res["points"] = subst_points(R, idx["pool"], args)
     return res
 
 
@@ -813,9 +996,11 @@ def exp_partition(site, blocks, scans, args):
 # ==== Report ====
 
 DEVIATIONS = [
-    "Firings are sampled per dominant atom (≤ --per-atom each, then ≤ --max-firings), not from a fixed feature pool.",
-    "KL is KL(p_base ‖ p_cond) (the released code's direction) at the edited position t, whose read already sees S'_t "
-    "(in-recurrence edit, PAPER_NOTES §5.4 reading A); the paper's text says KL(p_patched ‖ p_base).",
+    "Substitution: the pool's features follow a stated rule (--pool-rule: the most firings, or a "
+    "seeded draw), not the paper's hand-listed ones; the 'by feature' cluster bootstrap clusters "
+    "on the dominant atom.",
+    "Substitution: the headline win uses KL(p_base ‖ p_cond) (the released code); the paper's text "
+    "says KL(p_patched ‖ p_base), reported beside it.",
     "The random condition is Gaussian rank-r at the atom term's norm (coef) or ‖W_nat‖ (matched), drawn per firing.",
     "Model and scale: the paper measures Qwen3.5-0.8B L9 H4 (and 4B/27B, Mamba-2-370M, "
     "RWKV-7-1.5B, DeltaNet, GLA); this report is of the model in Setup (the demo models have a few "
@@ -892,6 +1077,27 @@ def closed_rows(r, pct, ci, paper):
                  c["n_sign"], ci(c["sign_agreement_ci"]), paper("closed sign")))
     return rows
 
+def subst_rows(s, name, primary, pct, ci, paper):
+    """One substitution row's headline lines: the win rate in both KL directions with the Wilson and
+    cluster-bootstrap intervals of KL(base ‖ cond)'s; for the primary also the strict chain, the KL
+    medians and the win by cosine quartile; for the per-atom draw the population test."""
+    label = f"{s['label']}{'' if primary else '; secondary'}"
+    cis = (f"{ci(s['win_ci'])} Wilson; {ci(s['win_ci_passage'])} by passage; "
+           f"{ci(s['win_ci_feature'])} by feature")
+    rows = [(f"substitution win ({label}): KL(base ‖ cond); KL(cond ‖ base)",
+             f"{pct(s['win'])}; {pct(s['win_rev'])}", s["n"], cis, paper("win") if primary else "")]
+    if primary:
+        ratio = " : ".join(f"{r:.2f}" for r in s["ratio_of_medians"])
+        rows += [(f"strict chain ({label})", pct(s["chain"]), s["n"], ci(s["chain_ci"]),
+                  paper("chain")),
+                 (f"median KL atom : delete : random ({label})", ratio, s["n"], "", paper("ratio")),
+                 (f"win by quartile of cos(atom term, W_nat) ({label})",
+                  " / ".join(map(pct, s["by_cos"]["win"])), s["n"], "", "")]
+    if (p := s.get("population")) and name == "per_atom":
+        rows.append((f"population test: mean per-atom win ({label})", pct(p["mean"]),
+                     f"{p['atoms']} atoms", ci(p["ci"]), paper("population")))
+    return rows
+
 def headline(res, arch):
     """Rows (quantity, ours, n, 95% CI, the paper's value and n) — the paper's from PAPER_NOTES.md §10."""
     rows, pct, ci = [], lambda x: fmt(x, True), lambda c, p=True: f"[{fmt(c[0], p)}, {fmt(c[1], p)}]"  # noqa: E731
@@ -899,18 +1105,9 @@ def headline(res, arch):
     if "subst" in res:
         rows.append(("head memory: mean decay; median ‖W_nat‖ / ‖S_t‖", f"{res['subst']['mean_decay']:.3g}; "
                      f"{res['subst']['median_write_share']:.3g}", "", "", ""))
-    for name in ("all", "onset") if "subst" in res else ():
-        if (s := res["subst"][name]).get("n"):
-            rows += [(f"substitution win ({name} firings)", pct(s["win"]), s["n"], ci(s["win_ci"]), paper("win")),
-                     (f"strict chain ({name})", pct(s["chain"]), s["n"], ci(s["chain_ci"]), paper("chain")),
-                     (f"median KL atom : delete : random ({name})", " : ".join(f"{r:.2f}" for r in
-                                                                            s["ratio_of_medians"]), s["n"], "",
-                      paper("ratio")),
-                     (f"win by quartile of cos(atom term, W_nat) ({name})", " / ".join(map(pct, s["by_cos"]["win"])),
-                      s["n"], "", "")]
-            if p := s.get("population"):
-                rows.append((f"population test ({name})", pct(p["mean"]), f"{p['atoms']} atoms", ci(p["ci"]),
-                             paper("population")))
+    for name in SUBST_ROWS if "subst" in res else ():
+        if (s := res["subst"].get(name, {})).get("n"):
+            rows += subst_rows(s, name, name == res["subst"]["primary"], pct, ci, paper)
     if r := res.get("closed"):
         rows += closed_rows(r, pct, ci, paper)
     if e := res.get("erase"):
@@ -997,7 +1194,11 @@ FLAGS = [  # (flag, default, help): the type is the default's (a type: that type
     ("seed", 2026, "the paper's substitution / Experiment C seed"),
     ("boot", 5000, "bootstrap resamples"), ("out", None, "report directory (default <run>/eval)"),
     # ---- 1. substitution ----
-    ("max-firings", 1000, None), ("per-atom", 30, "firings per dominant atom (population test cap)"),
+    ("pool", 8, "features in the firing pool (the primary row, PAPER_NOTES.md §5.1)"),
+    ("pool-cap", 300, "firings per pool feature"),
+    ("pool-rule", ("frequent", "random"), "pool features: the most firings, or drawn among alive"),
+    ("max-firings", 1000, "firings of the per-atom and the position-weighted rows"),
+    ("per-atom", 30, "firings per dominant atom (the per-atom row and the population test cap)"),
     ("min-atom-firings", 5, "population test: atoms with at least this many"),
     ("scale", ("coef", "matched"), "headline atom/random scale"),
     ("horizon", 0, "also sum KL over this many further positions"),

@@ -23,7 +23,8 @@ SMALL = {
 }
 FAST = ["--max-firings", "24", "--cf-prompts", "6", "--cf-atoms", "3", "--cf-h", "0,1,4", "--erase-n", "8",
         "--sign-n", "24", "--install-prompts", "2", "--install-len", "12", "--gen-len", "4", "--amp-prompts", "3",
-        "--amp-prompt-len", "8", "--amp-len", "6", "--amp-features", "3", "--boot", "200", "--horizon", "2"]
+        "--amp-prompt-len", "8", "--amp-len", "6", "--amp-features", "3", "--boot", "200",
+        "--horizon", "2", "--pool", "3", "--pool-cap", "6"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -118,7 +119,9 @@ def test_native_atom_gives_zero_kl_and_a_null_atom_cannot_win(tiny):
     n = site.dec_k.shape[0]
     kls = {}
     for name in ("native", "null"):
-        for b, t in [(0, 0)] + [(b, int(writesae.frob(*ev.native(site, scans[b], slice(None))).argmax())) for b in (0, 1)]:
+        biggest = [int(writesae.frob(*ev.native(site, scans[b], slice(0, -1))).argmax())
+                   for b in (0, 1)]
+        for b, t in [(0, 0), (0, biggest[0]), (1, biggest[1])]:  # t < T − 1: reading B reads t + 1
             nk, nv = ev.native(site, scans[b], t)
             if name == "null":
                 nk = torch.zeros_like(nk)
@@ -126,10 +129,12 @@ def test_native_atom_gives_zero_kl_and_a_null_atom_cannot_win(tiny):
             sc = dict(scans[b], codes=torch.nn.functional.one_hot(torch.tensor(3), n).float().expand(48, n))
             R = ev.firing_kls(one, ids[b:b + 1], [sc], [(0, t)], torch.Generator().manual_seed(0))
             kls.setdefault(name, []).append(R["kl"][0])
-    native, null = torch.stack(kls["native"]), torch.stack(kls["null"])      # [firings, conditions]
+    native, null = torch.stack(kls["native"]), torch.stack(kls["null"])  # [firing,reading,dir,cond]
     a, d = ev.CONDS.index("atom"), ev.CONDS.index("delete")
-    assert native[:, a].abs().max() < 1e-6 < native[:, d].max(), (native[:, a], native[:, d])  # 0 up to fp32 rounding
-    assert (null[:, a] == null[:, d]).all() and not (ev.tie(null[:, a], null[:, d]) < null[:, d] - null[:, a]).any()
+    assert native[..., a].abs().max() < 1e-6, native[..., a]  # 0 up to fp32 rounding, every reading
+    assert (native[..., d].flatten(1).amin(0) > 1e-6).all(), native[..., d]  # all see the delete
+    na, nd = null[..., a], null[..., d]
+    assert (na == nd).all() and not (ev.tie(na, nd) < nd - na).any()
 
 
 # ---- closed form ---------------------------------------------------------------------------------------------
@@ -182,14 +187,21 @@ def test_every_experiment_end_to_end(tiny, tmp_path):
     args = ev.parse_args(FAST)
     res = ev.evaluate(site, ids, args)
     assert set(res) == set(ev.EXPERIMENTS)
-    assert res["subst"]["all"]["n"] > 0 and 0 <= res["subst"]["all"]["win"] <= 1
+    assert res["subst"]["pool"]["n"] > 0 and 0 <= res["subst"]["pool"]["win"] <= 1
     assert res["sign"]["n"] == 24 and res["partition"]["alive"] > 0
     same = lambda r: json.dumps(r, sort_keys=True, default=float)  # noqa: E731  (NaN-safe equality)
     assert same(res) == same(ev.evaluate(site, ids, args))  # deterministic for a seed
     ev.write_report(tmp_path, res, {"model": "tiny", "arch": site.model.arch, "layer": site.layer,
                                     "head": site.head})
     md = (tmp_path / "report.md").read_text()
-    assert "| substitution win (all firings) |" in md and "| closed-form R² (Eq. (1) as printed" in md
+    assert "| substitution win (pool: 3 most-firing features × ≤ 6; cache edit, t + 1): " in md
+    assert "| closed-form R² (Eq. (1) as printed" in md
+    s = res["subst"]
+    assert all(s[name]["sampling"] and s[name]["reading"] for name in ev.SUBST_ROWS)
+    pts = s["points"]
+    assert pts["row"] == "pool" and min(pts["kl_delete"]) >= 0
+    lengths = {len(pts[k]) for k in ("atom", "kl_atom", "kl_delete", "kl_random")}
+    assert lengths == {s["pool"]["n"]}
     assert json.loads((tmp_path / "report.json").read_text())["meta"]["arch"] == site.model.arch
 
 
@@ -204,7 +216,8 @@ def test_cli_on_a_train_run(tmp_path, text):
                 "--head", "0,1", "--device", "cpu"])
     res = ev.main(["--run", str(run), "--head", "1", "--device", "cpu"] + FAST)
     md = (run / "eval" / "report.md").read_text()
-    assert "layer 2 head 1" in md and "held-out blocks × 48 tokens" in md and res["subst"]["all"]["n"] > 0
+    assert "layer 2 head 1" in md and "held-out blocks × 48 tokens" in md
+    assert res["subst"]["pool"]["n"] > 0
     with pytest.raises(ValueError, match="head 3 has no SAE"):
         ev.main(["--run", str(run), "--head", "3", "--exp", "partition"])
 
@@ -218,7 +231,7 @@ def test_cli_default_run_of_a_model(tmp_path, text, monkeypatch):
     out = train.main(["--model", "m2", "--data", "corpus.txt", "--seq-len", "48", "--n-seqs", "12", "--epochs", "1",
                       "--n-feat", "32", "--k", "4", "--batch", "64", "--device", "cpu"])
     res = ev.main(["--model", "m2", "--device", "cpu", "--exp", "subst"] + FAST)
-    assert (out / "eval" / "report.md").exists() and res["subst"]["all"]["n"] > 0
+    assert (out / "eval" / "report.md").exists() and res["subst"]["pool"]["n"] > 0
 
 
 def test_train_and_eval_on_the_demo_model(tmp_path, text):
@@ -234,7 +247,8 @@ def test_train_and_eval_on_the_demo_model(tmp_path, text):
     assert cfg["args"]["model"] == "demo/gdn" and cfg["args"]["lr"] == train.DEMO_LR
     assert cfg["site"]["layer"] == layer and cfg["site"]["heads"] == [head]
     res = ev.main(["--run", str(run), "--device", "cpu"] + FAST)
-    assert res["subst"]["all"]["n"] > 0 and f"demo/gdn layer {layer} head {head}" in (run / "eval" / "report.md").read_text()
+    assert res["subst"]["pool"]["n"] > 0
+    assert f"demo/gdn layer {layer} head {head}" in (run / "eval" / "report.md").read_text()
 
 
 # ---- the paper's protocols (erasure selection, closed-form predictors, sign position, install, partition) ----
@@ -356,3 +370,123 @@ def test_partition_measures_the_cosine_to_the_increment(tiny):
     mu = inc.get("means")
     assert mu is None or mu[0] <= inc["threshold"] <= mu[1] or math.isnan(inc["threshold"])
     assert ev.crossing([0.0, 1.0], [0.1, 0.1], [0.5, 0.5]) == pytest.approx(0.5)
+
+
+# ---- substitution protocol ----------------------------------------------------------------------
+
+def test_cluster_bootstrap_known_case_and_wider_than_wilson():
+    """Clusters of all wins or all losses: resampling 100 clusters is a binomial over clusters,
+    so the interval is ≈ p ± 1.96·√(p(1 − p)/100), far wider than Wilson over the 2,000 firings;
+    singleton clusters give Wilson's interval back."""
+    x = torch.tensor(([1.0] * 30 + [0.0] * 70)).repeat_interleave(20)  # 100 clusters of 20, p = .3
+    clusters = torch.arange(100).repeat_interleave(20)
+    lo, hi = ev.cluster_bootstrap(x, clusters, 5000, seed=0)
+    half = 1.96 * (0.3 * 0.7 / 100) ** 0.5
+    assert abs(lo - (0.3 - half)) < 0.015 and abs(hi - (0.3 + half)) < 0.015, (lo, hi)
+    w = ev.wilson(600, 2000)
+    assert hi - lo > 3 * (w[1] - w[0])
+    lo1, hi1 = ev.cluster_bootstrap(x, torch.arange(2000), 5000, seed=0)
+    assert abs(lo1 - w[0]) < 0.01 and abs(hi1 - w[1]) < 0.01, (lo1, hi1, w)
+
+
+def fake_scans(dominant, n_feat=8):
+    """Scans with codes only: one block per row of `dominant` [B,T] (the dominant atom at each
+    position, −1 = silent); feature 7 also fires weakly wherever anything fires."""
+    scans = []
+    for row in dominant:
+        c = torch.zeros(len(row), n_feat)
+        on = row >= 0
+        c[on.nonzero().flatten(), row[on]] = 1.0
+        c[on, 7] = 0.1
+        scans.append({"codes": c})
+    return scans
+
+
+def test_pool_rule_caps_and_seed():
+    dom = torch.randint(-1, 6, (10, 60), generator=torch.Generator().manual_seed(0))
+    scans = fake_scans(dom)
+    flags = ["--pool", "3", "--pool-cap", "25", "--horizon", "0"]
+    args = ev.parse_args(flags)
+    draws, pool, feats, n_cand = ev.firing_draws(scans, args, ev.seeded(args, 0))
+    counts = torch.stack([(sc["codes"][:-1] > 0).sum(0) for sc in scans]).sum(0)
+    assert len(feats) == 3 and feats[0] == 7                                  # the most firings
+    assert set(feats) == set(counts.topk(3).indices.tolist())
+    assert n_cand == int((dom[:, :-1] >= 0).sum())
+    assert set(pool) == set(draws["pool"]) and all(t < 59 for _, t in draws["pool"])  # t + 1 exists
+    for i in feats:  # ≤ cap per feature, and each drawn firing fires its feature
+        mine = [p for p, f in pool.items() if f == i]
+        assert len(mine) <= 25 and all(scans[b]["codes"][t, i] > 0 for b, t in mine)
+    assert len(draws["pool"]) == len(set(draws["pool"])) > 25  # deduplicated, several features
+    again = ev.firing_draws(scans, args, ev.seeded(args, 0))[0]
+    seven = ev.parse_args(flags + ["--seed", "7"])
+    assert again == draws
+    assert ev.firing_draws(scans, seven, ev.seeded(seven, 0))[0]["pool"] != draws["pool"]
+    rnd = ev.parse_args(flags + ["--pool-rule", "random"])
+    assert len(ev.firing_draws(scans, rnd, ev.seeded(rnd, 0))[2]) == 3
+
+
+def test_position_weighted_draw_is_uniform_over_positions():
+    """One atom dominates 90% of the firing positions: the position draw keeps that share, the
+    per-atom draw caps it."""
+    g = torch.Generator().manual_seed(1)
+    rare = torch.randint(1, 7, (40, 50), generator=g)
+    dom = torch.where(torch.rand(40, 50, generator=g) < 0.9, 0, rare)
+    scans = fake_scans(dom)
+    args = ev.parse_args(["--max-firings", "400", "--per-atom", "30", "--horizon", "0"])
+    draws = ev.firing_draws(scans, args, ev.seeded(args, 0))[0]
+    share = lambda pts: sum(int(dom[b, t]) == 0 for b, t in pts) / len(pts)  # noqa: E731
+    assert len(draws["positions"]) == 400 and abs(share(draws["positions"]) - 0.9) < 0.05
+    assert share(draws["per_atom"]) <= 30 / len(draws["per_atom"]) + 1e-9
+    every = ev.parse_args(["--max-firings", "100000", "--horizon", "0"])
+    everything = ev.firing_draws(scans, every, ev.seeded(args, 0))[0]["positions"]
+    assert everything == [(b, t) for b in range(40) for t in range(49)]  # every candidate, once
+
+
+STATE_ENTRY = {"qwen35": "state", "mamba2": "ssm", "rwkv7": "S"}  # the model files' Cache entries
+
+
+@pytest.mark.parametrize("arch", ["gdn", "mamba2", "rwkv7"])
+def test_cache_reading_equals_a_literal_cache_edit(arch, tmp_path, text):
+    """Reading B's KLs (both directions, at t + 1 and summed over t + 2) are those of prefilling
+    through t, overwriting head h's S_t in a copied Cache by S_t − W_nat + X, and running t + 1.
+    The site is the first write layer, so later layers see position t: an edit inside the forward at
+    t (reading A's logits at t + 1) gives other KLs there."""
+    model, tok, ids = build(arch, tmp_path, text)
+    K, V = model.state_shape
+    cfg = writesae.SAEConfig(d_k=K, d_v=V, n_feat=32, k=4, rank=2 if model.arch == "rwkv7" else 1)
+    layer, head = model.write_layers[0], 1
+    sae = writesae.WriteSAE(cfg, seed=0)
+    site = ev.make_site(model, tok, sae, 0, layer, head, model.default_write)
+    sc = ev.scan(site, ids[0])
+    points = [(0, 5), (0, 20), (0, 31)]
+    R = ev.firing_kls(site, ids[:1], [sc], points, torch.Generator().manual_seed(0), horizon=1)
+    a, d = ev.CONDS.index("atom"), ev.CONDS.index("delete")
+    close = lambda x, y: torch.allclose(x, y, rtol=1e-2, atol=1e-6)  # noqa: E731
+    name = STATE_ENTRY[model.arch]
+    for j, (_, t) in enumerate(points):
+        i = int(sc["codes"][t].argmax())
+        W = torch.einsum("rk,rv->kv", *ev.native(site, sc, t))
+        X = torch.einsum("rk,rv->kv", sc["codes"][t, i] * site.dec_k[i], site.dec_v[i])
+        with torch.no_grad():
+            pre = model(ids[:1, :t + 1], use_cache=True).cache
+            S = pre.layers[layer][name][0, head].clone()
+            base = model(ids[:1, t + 1:t + 3], cache=pre.copy()).logits.double().log_softmax(-1)
+            for c, new in ((a, S - W + X), (d, S - W)):
+                cache = pre.copy()
+                cache.layers[layer][name][0, head] = new
+                lp = model(ids[:1, t + 1:t + 3], cache=cache).logits.double().log_softmax(-1)
+                fwd = (base.exp() * (base - lp)).sum(-1)[0]                # [2] at t + 1, t + 2
+                rev = (lp.exp() * (lp - base)).sum(-1)[0]
+                assert close(R["kl"][j, 0, 0, c], fwd[0]), (c, R["kl"][j, 0, 0, c], fwd)
+                assert close(R["kl"][j, 0, 1, c], rev[0])
+                assert close(R["kl_h"][j, 0, 0, c], fwd.sum())
+    assert (R["kl"] >= -1e-12).all() and not close(R["kl"][:, 0, 0], R["kl"][:, 0, 1])
+
+    def kl_delete(logits, j):  # KL(p_base ‖ p_delete) at the j-th position of these logits
+        lp = logits.double().log_softmax(-1)
+        return (lp[0, j].exp() * (lp[0, j] - lp[1, j])).sum()
+    rows = lambda b, t: [[]] + [[ev.edit(site, t, "delete")]]  # noqa: E731
+    both = list(ev.substitution_branches(site, ids[:1], points, rows, 1))
+    kl_b = torch.stack([kl_delete(lb, 0) for _, _, lb, _ in both])             # B at t + 1
+    kl_a1 = torch.stack([kl_delete(la, 1) for _, _, _, la in both])            # A's at t + 1
+    assert close(kl_b, R["kl"][:, 0, 0, d]) and not close(kl_a1, kl_b)
