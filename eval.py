@@ -3,6 +3,7 @@
   python eval.py                                   # every experiment on train.py's default run directory
   python eval.py --model demo/mamba2               # ... on the default run of `train.py --model demo/mamba2`
   python eval.py --run runs/x --exp subst,closed   # some: subst, closed, erase, sign, install, amplify, partition
+  python eval.py --exp atoms --cards 64            # the atom cards of report.html alone (fast)
 
 Glossary (DESIGN.md §4; PAPER_NOTES.md §5–§8)
   site          one (layer ℓ, head h) of the model and the SAE trained on its states S_t [K,V]
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import report_html
 from models import Capture, Edit, load_model
 from writesae import (WriteSAE, atom_write_cosines, frob, frob_cos, install_direction, install_factors,
                       logit_shift_prediction, shift_predictions, substitution_factors)
@@ -299,6 +301,11 @@ def exp_subst(site, blocks, scans, args):
         res[name] = subst_summary(R, mask, args)
         if args.horizon:
             res[name + f"_sum_h{args.horizon}"] = subst_summary(R, mask, args, "kl_h")
+    keep = sample(list(range(len(R["atom"]))), 5000, gen)                   # report.html's Fig. 3a
+    col = {c: CONDS.index(c + ("_matched" if args.scale == "matched" and c != "delete" else ""))
+           for c in ("atom", "delete", "random")}
+    res["points"] = {"row": "all", "atom": R["atom"][keep].tolist(),
+                     **{f"kl_{c}": R["kl"][keep, j].tolist() for c, j in col.items()}}
     return res
 
 
@@ -347,6 +354,11 @@ def exp_closed(site, blocks, scans, args):
                           "ols_by_token_rank": [grid(ols_r2, f, j, k).nanmedian().item() for k in range(y.shape[-1])],
                           "sign_agreement": agree.double().mean().item(),
                           "sign_agreement_ci": wilson(int(agree.sum()), agree.numel()), "n_sign": agree.numel()}
+    kind, p = ("exact", x) if x[..., 0].isfinite().all() else ("nofit", f)   # report.html's pred vs meas
+    res["points"] = {h: {"predictor": kind, "eps": args.eps[0], "pred": p[:, :, 0, j, 0].flatten().tolist(),
+                         "meas": y[:, :, 0, j, 0].flatten().tolist(),
+                         "r2": r2(y[:, :, 0, j, 0].flatten(), p[:, :, 0, j, 0].flatten())}
+                     for j, h in enumerate(hs)}
     return res
 
 
@@ -377,7 +389,13 @@ def exp_erase(site, blocks, scans, args):
             "rank_patched": rank(erased),
             "control": {f"{m:g}x": {"n": len(ctrl), "median": ctrl[:, j].median().item(),
                                     "wilcoxon_p": sign_stats(ctrl[:, j])["wilcoxon_p"]} for j, m in enumerate(mult)
-                        if len(ctrl)}}
+                        if len(ctrl)},
+            "effects": [{"name": name, "value": z.median().item(), "n": len(z),  # report.html's bars
+                         "ci": bootstrap_ci(z, "median", args.boot, args.seed),
+                         "unit": "median Δ log p of the preferred token (nats)"}
+                        for name, z in [("erase at firings", d)] + [
+                            (f"control: add {m:g}× at non-firings", ctrl[:, j])
+                            for j, m in enumerate(mult) if len(ctrl)]]}
 
 def exp_sign(site, blocks, scans, args):
     """Write ‖k_s v_sᵀ‖·k̂_s v*_Tᵀ at one position s; does Δℓ_T at s have the sign of Eq. (1)?"""
@@ -437,6 +455,14 @@ def exp_install(site, blocks, scans, args):
                     "native_ci": wilson(nat, len(o)), "first_step_lift": torch.tensor([x[4] for x in o]).median().item(),
                     "rank_shift": torch.tensor([float(x[5]) for x in o]).median().item(),
                     "rank_improved": sum(x[5] > 0 for x in o) / len(o), **prompt_level_lift(o, args)}
+    pooled = [(m, c["pooled"]) for m, c in res["by_m"].items() if "pooled" in c]  # report.html's bars
+    lift, hit = "mean log-p lift of the target over prompts (nats)", "share of targets generated"
+    res["effects"] = [{"name": f"m = {m}: first-step lift", "value": c["lift_prompt_mean"],
+                       "ci": c["lift_prompt_ci"], "n": c["lift_prompts"], "unit": lift} for m, c in pooled]
+    res["effects"] += [{"name": "no edit", "value": c["native"], "ci": c["native_ci"], "n": c["n"],
+                        "unit": hit} for _, c in pooled[:1]]
+    res["effects"] += [{"name": f"m = {m}: edited", "value": c["edited"], "ci": c["edited_ci"],
+                        "n": c["n"], "unit": hit} for m, c in pooled]
     return res
 
 def prompt_level_lift(o, args):
@@ -511,7 +537,29 @@ def exp_partition(site, blocks, scans, args):
                     "means": mu, "weights": pi, "registers": int(reg.sum()), "bundles": int((~reg).sum()),
                     **{f"{n}_median_cos": med[s].median().item() if s.any() else float("nan")
                        for n, s in (("register", reg), ("bundle", ~reg))}, "register_atoms": atoms[reg].tolist()})
+        res.update({"vars": var, "threshold": crossing(mu, var, pi)})
+    res["points"] = {"median_cos": med.tolist(), "atoms": atoms.tolist()}  # report.html's histogram
     return res
+
+def crossing(mu, var, pi):
+    """The x between the two means where the weighted Gaussians w·N(x; m, v) are equal (else their
+    midpoint): the register / bundle threshold of a two-component fit."""
+    (m1, m2), (v1, v2), (w1, w2) = mu, var, pi
+    a, b = 1 / v2 - 1 / v1, 2 * (m1 / v1 - m2 / v2)                          # a x² + b x + c = 0
+    c = m2 ** 2 / v2 - m1 ** 2 / v1 + math.log(v2 / v1) - 2 * math.log(w2 / w1)
+    disc = b * b - 4 * a * c
+    roots = [-c / b] if abs(a) < 1e-12 else [(-b + s * math.sqrt(disc)) / (2 * a) for s in (1, -1)] \
+        if disc >= 0 else []
+    inside = [x for x in roots if m1 <= x <= m2]
+    return inside[0] if inside else (m1 + m2) / 2
+
+
+# ==== Atom cards (report.html) ====
+
+def exp_atoms(site, blocks, scans, args):
+    """The data of report.html's atom cards: the --cards atoms that fire most (report_html.atom_cards)."""
+    return report_html.atom_cards(site, blocks, scans, args, lambda sc: native(site, sc, slice(None)),
+                                  lambda ids: safe_decode(site.tok, ids))
 
 
 # ==== Report ====
@@ -625,12 +673,14 @@ def write_report(out, res, meta):
     for name, r in res.items():
         L += ["", f"## {name}", "", "```json", json.dumps(r, indent=1, default=float), "```"]
     (out / "report.md").write_text("\n".join(L) + "\n")
+    report_html.write(out)
 
 
 # ==== Command line ====
 
 EXPERIMENTS = {"subst": exp_subst, "closed": exp_closed, "erase": exp_erase, "sign": exp_sign,
-               "install": exp_install, "amplify": exp_amplify, "partition": exp_partition}
+               "install": exp_install, "amplify": exp_amplify, "partition": exp_partition,
+               "atoms": exp_atoms}
 FLAGS = [  # (flag, default, help): the type is the default's (a type: that type, default None); a list is
     # comma-separated; a tuple lists the choices, the first is the default
     # ---- run, site, output ----
@@ -659,6 +709,8 @@ FLAGS = [  # (flag, default, help): the type is the default's (a type: that type
     ("amp-len", 100, None), ("amp-temperature", 0.7, None),
     # ---- 4. partition ----
     ("tau", 0.05, None), ("min-fire", 1, "firings for an atom to count as alive"),
+    # ---- 5. atom cards ----
+    ("cards", 32, "atom cards in report.html (the atoms that fire most)"),
 ]
 
 def parse_args(argv=None):
