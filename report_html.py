@@ -137,7 +137,7 @@ svg{max-width:100%;height:auto}
 .card{border:1px solid #ccd;border-radius:6px;padding:12px;background:#fff}
 .cls{font-size:12px;padding:1px 7px;border-radius:9px;color:#fff;margin-left:8px}
 .register{background:#1f77b4}.bundle{background:#9467bd}.null{background:#888}
-.top{display:flex;gap:12px;align-items:flex-start}
+.top{display:flex;gap:12px;align-items:flex-start}.top table{flex:1}
 .stats{font-size:13px;border-collapse:collapse}.stats td{padding:1px 8px 2px 0;vertical-align:top}
 .stats td:first-child{color:#555;white-space:nowrap}
 .ctx{font:12.5px/1.9 ui-monospace,monospace;white-space:pre-wrap;border-bottom:1px dotted #ddd}
@@ -238,7 +238,7 @@ def fig_effects(r, title):
     for e in r["effects"]:
         units.setdefault(e["unit"], []).append(e)
     plots = [svg.bars([(f"{e['name']} (n = {e['n']})", e["value"], *e["ci"], BLUE if j else RED)
-                       for j, e in enumerate(es)], u, w=560, label_w=290)
+                       for j, e in enumerate(es)], u, w=600, label_w=250)
              for u, es in units.items()]
     cap = ("Bar: the estimate; whisker: its 95% CI; n: the units it is over. The first bar is the "
            "experiment's primary quantity. " + "; ".join(

@@ -68,7 +68,7 @@ def padded(lo, hi, log=False, pad=0.04):
 
 def frame(w, h, xa, ya, xlabel, ylabel, body, legend=(), left=L, yticks=True):
     """The outer svg: plot-area box, grid and ticks, axis labels, the body, then a legend
-    [(label, colour)] in the top left corner."""
+    [(label, colour)] in one row above the plot."""
     x0, x1, y0, y1 = left, w - R, h - B, T
     out = [f'<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" {FONT} role="img">',
            f'<rect x="{x0}" y="{y1}" width="{x1 - x0}" height="{y0 - y1}" fill="#fff" '
@@ -87,10 +87,11 @@ def frame(w, h, xa, ya, xlabel, ylabel, body, legend=(), left=L, yticks=True):
     out.append(f'<text x="{(x0 + x1) / 2}" y="{h - 8}" text-anchor="middle">{esc(xlabel)}</text>'
                f'<text transform="translate(13 {(y0 + y1) / 2}) rotate(-90)" text-anchor="middle">'
                f'{esc(ylabel)}</text>')
-    for j, (label, colour) in enumerate(legend):
-        y = y1 + 8 + 16 * j
-        out.append(f'<rect x="{x0 + 8}" y="{y}" width="10" height="10" fill="{colour}"/>'
-                   f'<text x="{x0 + 22}" y="{y + 9}">{esc(label)}</text>')
+    x = x0
+    for label, colour in legend:
+        out.append(f'<rect x="{x}" y="{y1 - 19}" width="10" height="10" fill="{colour}"/>'
+                   f'<text x="{x + 14}" y="{y1 - 10}">{esc(label)}</text>')
+        x += 30 + 7 * len(label)  # a little more than the label's width at 12 px
     return "\n".join(out + ["</svg>"])
 
 
@@ -151,7 +152,7 @@ def histogram(edges, counts, xlabel, ylabel="count", curves=(), vlines=(), w=440
     for j, (label, c, x) in enumerate(vlines):
         body.append(f'<line x1="{xa(x):.1f}" x2="{xa(x):.1f}" y1="{T}" y2="{h - B}" stroke="{c}" '
                     f'stroke-width="1.5" stroke-dasharray="4 3"/><text x="{xa(x) + 3:.1f}" '
-                    f'y="{T - 6 - 13 * j}" fill="{c}">{esc(label)}</text>')
+                    f'y="{T + 12 + 14 * j}" fill="{c}">{esc(label)}</text>')
     return frame(w, h, xa, ya, xlabel, ylabel, body, [(lab, c) for lab, c, _ in curves])
 
 
