@@ -354,11 +354,10 @@ def exp_closed(site, blocks, scans, args):
                           "ols_by_token_rank": [grid(ols_r2, f, j, k).nanmedian().item() for k in range(y.shape[-1])],
                           "sign_agreement": agree.double().mean().item(),
                           "sign_agreement_ci": wilson(int(agree.sum()), agree.numel()), "n_sign": agree.numel()}
-    kind, p = ("exact", x) if x[..., 0].isfinite().all() else ("nofit", f)   # report.html's pred vs meas
-    res["points"] = {h: {"predictor": kind, "eps": args.eps[0], "pred": p[:, :, 0, j, 0].flatten().tolist(),
-                         "meas": y[:, :, 0, j, 0].flatten().tolist(),
-                         "r2": r2(y[:, :, 0, j, 0].flatten(), p[:, :, 0, j, 0].flatten())}
-                     for j, h in enumerate(hs)}
+    kind, p = ("exact", x) if x[..., 0].isfinite().all() else ("nofit", f)  # report.html's figure
+    pts = [(y[:, :, 0, j, 0].flatten(), p[:, :, 0, j, 0].flatten()) for j in range(len(hs))]  # ε₀
+    res["points"] = {h: {"predictor": kind, "eps": args.eps[0], "pred": pj.tolist(),
+                         "meas": yj.tolist(), "r2": r2(yj, pj)} for h, (yj, pj) in zip(hs, pts)}
     return res
 
 
@@ -390,7 +389,7 @@ def exp_erase(site, blocks, scans, args):
             "control": {f"{m:g}x": {"n": len(ctrl), "median": ctrl[:, j].median().item(),
                                     "wilcoxon_p": sign_stats(ctrl[:, j])["wilcoxon_p"]} for j, m in enumerate(mult)
                         if len(ctrl)},
-            "effects": [{"name": name, "value": z.median().item(), "n": len(z),  # report.html's bars
+            "effects": [{"name": name, "value": z.median().item(), "n": len(z),  # report.html
                          "ci": bootstrap_ci(z, "median", args.boot, args.seed),
                          "unit": "median Δ log p of the preferred token (nats)"}
                         for name, z in [("erase at firings", d)] + [
@@ -455,10 +454,11 @@ def exp_install(site, blocks, scans, args):
                     "native_ci": wilson(nat, len(o)), "first_step_lift": torch.tensor([x[4] for x in o]).median().item(),
                     "rank_shift": torch.tensor([float(x[5]) for x in o]).median().item(),
                     "rank_improved": sum(x[5] > 0 for x in o) / len(o), **prompt_level_lift(o, args)}
-    pooled = [(m, c["pooled"]) for m, c in res["by_m"].items() if "pooled" in c]  # report.html's bars
+    pooled = [(m, c["pooled"]) for m, c in res["by_m"].items() if "pooled" in c]  # report.html
     lift, hit = "mean log-p lift of the target over prompts (nats)", "share of targets generated"
     res["effects"] = [{"name": f"m = {m}: first-step lift", "value": c["lift_prompt_mean"],
-                       "ci": c["lift_prompt_ci"], "n": c["lift_prompts"], "unit": lift} for m, c in pooled]
+                       "ci": c["lift_prompt_ci"], "n": c["lift_prompts"], "unit": lift}
+                      for m, c in pooled]
     res["effects"] += [{"name": "no edit", "value": c["native"], "ci": c["native_ci"], "n": c["n"],
                         "unit": hit} for _, c in pooled[:1]]
     res["effects"] += [{"name": f"m = {m}: edited", "value": c["edited"], "ci": c["edited_ci"],
@@ -548,8 +548,8 @@ def crossing(mu, var, pi):
     a, b = 1 / v2 - 1 / v1, 2 * (m1 / v1 - m2 / v2)                          # a x² + b x + c = 0
     c = m2 ** 2 / v2 - m1 ** 2 / v1 + math.log(v2 / v1) - 2 * math.log(w2 / w1)
     disc = b * b - 4 * a * c
-    roots = [-c / b] if abs(a) < 1e-12 else [(-b + s * math.sqrt(disc)) / (2 * a) for s in (1, -1)] \
-        if disc >= 0 else []
+    roots = [-c / b] if abs(a) < 1e-12 else \
+        [(-b + s * math.sqrt(disc)) / (2 * a) for s in (1, -1)] if disc >= 0 else []
     inside = [x for x in roots if m1 <= x <= m2]
     return inside[0] if inside else (m1 + m2) / 2
 
@@ -557,8 +557,9 @@ def crossing(mu, var, pi):
 # ==== Atom cards (report.html) ====
 
 def exp_atoms(site, blocks, scans, args):
-    """The data of report.html's atom cards: the --cards atoms that fire most (report_html.atom_cards)."""
-    return report_html.atom_cards(site, blocks, scans, args, lambda sc: native(site, sc, slice(None)),
+    """The data of report.html's cards for the --cards atoms that fire most (report_html.py)."""
+    return report_html.atom_cards(site, blocks, scans, args,
+                                  lambda sc: native(site, sc, slice(None)),
                                   lambda ids: safe_decode(site.tok, ids))
 
 
