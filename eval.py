@@ -542,16 +542,20 @@ def exp_partition(site, blocks, scans, args):
     return res
 
 def crossing(mu, var, pi):
-    """The x between the two means where the weighted Gaussians w·N(x; m, v) are equal (else their
-    midpoint): the register / bundle threshold of a two-component fit."""
+    """The register / bundle threshold of a two-component fit: the x where the weighted Gaussians
+    w·N(x; m, v) cross with the higher-mean (register) one taking over to the right (with unequal
+    variances the broader one also wins far out on its other side: that tail is no threshold).
+    The midpoint of the means where the curves do not cross."""
     (m1, m2), (v1, v2), (w1, w2) = mu, var, pi
-    a, b = 1 / v2 - 1 / v1, 2 * (m1 / v1 - m2 / v2)                          # a x² + b x + c = 0
+    a, b = 1 / v2 - 1 / v1, 2 * (m1 / v1 - m2 / v2)      # the register wins where a x² + b x + c < 0
     c = m2 ** 2 / v2 - m1 ** 2 / v1 + math.log(v2 / v1) - 2 * math.log(w2 / w1)
     disc = b * b - 4 * a * c
-    roots = [-c / b] if abs(a) < 1e-12 else \
-        [(-b + s * math.sqrt(disc)) / (2 * a) for s in (1, -1)] if disc >= 0 else []
-    inside = [x for x in roots if m1 <= x <= m2]
-    return inside[0] if inside else (m1 + m2) / 2
+    if abs(a) < 1e-9 * (1 / v1 + 1 / v2):
+        roots = [-c / b] if b else []
+    else:
+        roots = [(-b + s * math.sqrt(disc)) / (2 * a) for s in (1, -1)] if disc >= 0 else []
+    up = [x for x in roots if 2 * a * x + b < 0]
+    return up[0] if up else (m1 + m2) / 2
 
 
 # ==== Atom cards (report.html) ====

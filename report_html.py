@@ -124,7 +124,8 @@ def atom_cards(site, blocks, scans, args, native, decode):
 CSS = """
 body{font:15px/1.45 system-ui,sans-serif;color:#222;max-width:1340px;margin:0 auto;
  padding:0 20px 40px}
-h1{font-size:24px;margin:18px 0 4px}h2{font-size:20px;margin:28px 0 8px;border-bottom:1px solid #ccc}
+h1{font-size:24px;margin:18px 0 4px}
+h2{font-size:20px;margin:28px 0 8px;border-bottom:1px solid #ccc}
 h3{font-size:16px;margin:0 0 6px}
 h4{font-size:12px;margin:10px 0 3px;color:#444;text-transform:uppercase;letter-spacing:.04em}
 .meta{color:#555;font-size:13px}.note{color:#8a5300;margin:4px 0}
@@ -180,12 +181,12 @@ def fig_subst(r):
            "the dashed y = x line the atom keeps the output closer to the model's own than the "
            f"control does. KL_atom &lt; KL_delete at {100 * win:.1f}% of these firings.")
     if off:
-        cap += f" {off} points with a zero KL are off the log axes."
+        cap += f" Off the log axes (a zero KL): {off} point{'s' * (off > 1)}."
     return figure("Substitution test (the paper's Fig. 3a)", plot, cap, n=n)
 
 
 def fig_closed(r):
-    """Predicted against measured Δℓ, one panel per horizon h, with R² as the experiment gives it."""
+    """Predicted against measured Δℓ, a panel per horizon h, with R² as the experiment gives it."""
     plots, first = [], next(iter(r["points"].values()))
     for h, c in r["points"].items():
         plot = svg.scatter([("", BLUE, c["pred"], c["meas"])], "predicted Δℓ (logits)",
@@ -350,6 +351,7 @@ def card(c, report, atoms, wins):
     rows = [("fires", f"{100 * c['rate']:.2f}% of positions ({c['firings']} of "
                       f"{atoms['positions']})"), ("mean activation", fmt(c["mean_act"])),
             ("median cos to native write", fmt(c["median_cos"])), ("class by", how),
+            ("read where it fires", "a·⟨dec_k, q̃⟩ = " + ", ".join(map(fmt, c["read"]))),
             ("substitution", sub)]
     stats = "".join(f"<tr><td>{esc(a)}</td><td>{esc(b)}</td></tr>" for a, b in rows)
     effect = "".join(f'<div class="{cl}"><h4>{cl_name}</h4>{tokens(c[cl_name], True)}</div>'

@@ -162,11 +162,14 @@ def test_axis_ticks_and_log_scatter():
     assert counts == [2, 0, 1, 1] and edges[0] == 0.0 and edges[-1] == 1.0
 
 
-@pytest.mark.parametrize("mu,var,pi", [((0.0, 1.0), (0.04, 0.04), (0.5, 0.5)),
-                                       ((0.0, 0.3), (0.001, 0.01), (0.8, 0.2))])
-def test_partition_threshold_is_where_the_weighted_components_cross(mu, var, pi):
+@pytest.mark.parametrize("mu,var,pi", [((0.0, 1.0), (0.04, 0.04), (0.5, 0.5)),     # equal
+                                       ((0.0, 0.3), (0.001, 0.01), (0.8, 0.2)),    # broad register
+                                       ((0.15, 0.31), (0.005, 0.03), (0.9, 0.1)),  # beyond its mean
+                                       ((0.0, 0.3), (0.02, 0.002), (0.7, 0.3))])   # narrow register
+def test_partition_threshold_is_where_the_register_component_takes_over(mu, var, pi):
     x = ev.crossing(list(mu), list(var), list(pi))
-    dens = [w * math.exp(-0.5 * (x - m) ** 2 / v) / math.sqrt(v) for m, v, w in zip(mu, var, pi)]
-    assert mu[0] < x < mu[1] and dens[0] == pytest.approx(dens[1], rel=1e-9)
+    dens = lambda x, j: pi[j] * math.exp(-0.5 * (x - mu[j]) ** 2 / var[j]) / math.sqrt(var[j])  # noqa
+    assert dens(x, 0) == pytest.approx(dens(x, 1), rel=1e-9) and x > mu[0]
+    assert dens(x - 1e-3, 1) < dens(x - 1e-3, 0) and dens(x + 1e-3, 1) > dens(x + 1e-3, 0)
     if var[0] == var[1] and pi[0] == pi[1]:
         assert x == pytest.approx(sum(mu) / 2)
