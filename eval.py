@@ -547,7 +547,7 @@ def crossing(mu, var, pi):
     variances the broader one also wins far out on its other side: that tail is no threshold).
     The midpoint of the means where the curves do not cross."""
     (m1, m2), (v1, v2), (w1, w2) = mu, var, pi
-    a, b = 1 / v2 - 1 / v1, 2 * (m1 / v1 - m2 / v2)      # the register wins where a x² + b x + c < 0
+    a, b = 1 / v2 - 1 / v1, 2 * (m1 / v1 - m2 / v2)  # the register wins where ax² + bx + c < 0
     c = m2 ** 2 / v2 - m1 ** 2 / v1 + math.log(v2 / v1) - 2 * math.log(w2 / w1)
     disc = b * b - 4 * a * c
     if abs(a) < 1e-9 * (1 / v1 + 1 / v2):

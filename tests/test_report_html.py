@@ -168,7 +168,8 @@ def test_axis_ticks_and_log_scatter():
                                        ((0.0, 0.3), (0.02, 0.002), (0.7, 0.3))])   # narrow register
 def test_partition_threshold_is_where_the_register_component_takes_over(mu, var, pi):
     x = ev.crossing(list(mu), list(var), list(pi))
-    dens = lambda x, j: pi[j] * math.exp(-0.5 * (x - mu[j]) ** 2 / var[j]) / math.sqrt(var[j])  # noqa
+    def dens(x, j):  # w_j N(x; m_j, v_j) up to the common 1/√(2π)
+        return pi[j] * math.exp(-0.5 * (x - mu[j]) ** 2 / var[j]) / math.sqrt(var[j])
     assert dens(x, 0) == pytest.approx(dens(x, 1), rel=1e-9) and x > mu[0]
     assert dens(x - 1e-3, 1) < dens(x - 1e-3, 0) and dens(x + 1e-3, 1) > dens(x + 1e-3, 0)
     if var[0] == var[1] and pi[0] == pi[1]:
