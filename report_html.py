@@ -41,10 +41,15 @@ def esc(s):
 
 # ==== The cards' data (computed in an eval run, stored in report.json under "atoms") ====
 
+VISIBLE = {"\n": "↵", "\t": "⇥"}
+
+
 def token_text(decode, i):
-    """Token id i's text, line breaks and tabs made visible; '#id' where it does not decode."""
+    """Token id i's text with line breaks, tabs and other unprintable characters made visible;
+    '#id' where it does not decode or decodes to nothing."""
     s = decode([i])
-    return f"#{i}" if s is None else s.replace("\n", "↵").replace("\t", "⇥")
+    s = "".join(VISIBLE.get(ch, ch if ch.isprintable() else ascii(ch)[1:-1]) for ch in s or "")
+    return s or f"#{i}"
 
 
 def top_contexts(act, ids, decode, n=5, gap=8):
@@ -348,8 +353,8 @@ def card(c, report, atoms, wins):
     w, n = wins.get(c["atom"], (0, 0))
     sub = f"wins at {w} of {n} firings tested ({100 * w / n:.0f}%)" if n else \
         "none of its firings tested" if wins else "not run"
-    rows = [("fires", f"{100 * c['rate']:.2f}% of positions ({c['firings']} of "
-                      f"{atoms['positions']})"), ("mean activation", fmt(c["mean_act"])),
+    rows = [("fires", f"{100 * c['rate']:.2f}% ({c['firings']} of {atoms['positions']} tokens)"),
+            ("mean activation", fmt(c["mean_act"])),
             ("median cos to native write", fmt(c["median_cos"])), ("class by", how),
             ("read where it fires", "a·⟨dec_k, q̃⟩ = " + ", ".join(map(fmt, c["read"]))),
             ("substitution", sub)]

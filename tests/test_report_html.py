@@ -134,6 +134,12 @@ def test_cards_survive_ids_that_do_not_decode(run):
     assert all(s in shown for s in toks)
 
 
+def test_token_text_makes_every_token_visible():
+    texts = {0: "a\nb", 1: "\r", 2: "", 3: None, 4: " x\u200b", 5: "<b>"}
+    shown = [report_html.token_text(lambda ids: texts[ids[0]], i) for i in texts]
+    assert shown == ["a↵b", "\\r", "#2", "#3", " x\\u200b", "<b>"]
+
+
 def test_atoms_alone_from_the_command_line(tmp_path, text):  # noqa: F811
     import train
     build("gdn", tmp_path / "model", text)
