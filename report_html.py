@@ -353,7 +353,7 @@ def card(c, report, atoms, wins):
     w, n = wins.get(c["atom"], (0, 0))
     sub = f"wins at {w} of {n} firings tested ({100 * w / n:.0f}%)" if n else \
         "none of its firings tested" if wins else "not run"
-    rows = [("fires", f"{100 * c['rate']:.2f}% ({c['firings']} of {atoms['positions']} tokens)"),
+    rows = [("fires", f"{100 * c['rate']:.2f}% ({c['firings']} / {atoms['positions']})"),
             ("mean activation", fmt(c["mean_act"])),
             ("median cos to native write", fmt(c["median_cos"])), ("class by", how),
             ("read where it fires", "a·⟨dec_k, q̃⟩ = " + ", ".join(map(fmt, c["read"]))),
