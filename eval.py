@@ -3,6 +3,7 @@
   python eval.py                                   # every experiment on train.py's default run directory
   python eval.py --model demo/mamba2               # ... on the default run of `train.py --model demo/mamba2`
   python eval.py --run runs/x --exp subst,closed   # some: subst, closed, erase, sign, install, amplify, partition
+  python eval.py --exp atoms --cards 64            # the atom cards of report.html alone (fast)
 
 Glossary (DESIGN.md §4; PAPER_NOTES.md §5–§8)
   site          one (layer ℓ, head h) of the model and the SAE trained on its states S_t [K,V]
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import report_html
 from models import Capture, Edit, load_model
 from models.common import apply_edits
 from writesae import (WriteSAE, atom_write_cosines, frob, frob_cos, install_direction, install_factors,
@@ -940,18 +942,20 @@ def exp_amplify(site, blocks, scans, args):
 # ==== Experiment 4: the register / bundle partition (§3.1) ====
 
 def crossing(mu, var, pi):
-    """The x between the two means where the weighted components w_j N(x; μ_j, σ_j²) are equal
-    (NaN if none)."""
+    """The register / bundle threshold of a two-component fit: the x where the weighted Gaussians
+    w·N(x; m, v) cross with the higher-mean (register) one taking over to the right (with unequal
+    variances the broader one also wins far out on its other side: that tail is no threshold).
+    The midpoint of the means where the curves do not cross."""
     (m1, m2), (v1, v2), (w1, w2) = mu, var, pi
-    a, b = 1 / v2 - 1 / v1, 2 * (m1 / v1 - m2 / v2)
+    a, b = 1 / v2 - 1 / v1, 2 * (m1 / v1 - m2 / v2)  # the register wins where ax² + bx + c < 0
     c = m2 ** 2 / v2 - m1 ** 2 / v1 + math.log(v2 / v1) - 2 * math.log(w2 / w1)
-    if abs(a) < 1e-12 * max(1 / v1, 1 / v2):  # equal variances: one root (none if equal means)
+    disc = b * b - 4 * a * c
+    if abs(a) < 1e-9 * (1 / v1 + 1 / v2):
         roots = [-c / b] if b else []
-    elif b * b >= 4 * a * c:
-        roots = [(-b + s * math.sqrt(b * b - 4 * a * c)) / (2 * a) for s in (1, -1)]
     else:
-        roots = []
-    return next((r for r in roots if min(m1, m2) <= r <= max(m1, m2)), float("nan"))
+        roots = [(-b + s * math.sqrt(disc)) / (2 * a) for s in (1, -1)] if disc >= 0 else []
+    up = [x for x in roots if 2 * a * x + b < 0]
+    return up[0] if up else (m1 + m2) / 2
 
 def partition_of(site, scans, kind, args):
     """Per-atom median signed cosine to the native write `kind` over its firings (inc: the
@@ -972,10 +976,10 @@ def partition_of(site, scans, kind, args):
     if len(med) >= 3:
         fits = {k: gmm_em(med, k, seed=args.seed) for k in (1, 2)}
         mu, var, pi, _, _ = fits[2]
-        reg = torch.stack([-0.5 * ((med - m) ** 2 / v + math.log(2 * math.pi * v)) + math.log(w)
-                           for m, v, w in zip(mu, var, pi)], 1).argmax(1) == 1  # higher-mean one
+        threshold = crossing(mu, var, pi)
+        reg = med >= threshold          # where the higher-mean component takes over to the right
         res.update({"delta_bic": fits[2][4] - fits[1][4], "bic": {k: f[4] for k, f in fits.items()},
-                    "means": mu, "vars": var, "weights": pi, "threshold": crossing(mu, var, pi),
+                    "means": mu, "vars": var, "weights": pi, "threshold": threshold,
                     "registers": int(reg.sum()), "bundles": int((~reg).sum()),
                     "register_atoms": atoms[reg].tolist(),
                     **{f"{n}_median_cos": med[s].median().item() if s.any() else float("nan")
@@ -991,6 +995,15 @@ def exp_partition(site, blocks, scans, args):
     res["additive"] = partition_of(site, scans, "add", args)
     res["additive"].pop("points")
     return res
+
+
+# ==== Atom cards (report.html) ====
+
+def exp_atoms(site, blocks, scans, args):
+    """The data of report.html's cards for the --cards atoms that fire most (report_html.py)."""
+    return report_html.atom_cards(site, blocks, scans, args,
+                                  lambda sc: native(site, sc, slice(None)),
+                                  lambda ids: safe_decode(site.tok, ids))
 
 
 # ==== Report ====
@@ -1170,12 +1183,14 @@ def write_report(out, res, meta):
     for name, r in res.items():
         L += ["", f"## {name}", "", "```json", json.dumps(r, indent=1, default=float), "```"]
     (out / "report.md").write_text("\n".join(L) + "\n")
+    report_html.write(out)
 
 
 # ==== Command line ====
 
 EXPERIMENTS = {"subst": exp_subst, "closed": exp_closed, "erase": exp_erase, "sign": exp_sign,
-               "install": exp_install, "amplify": exp_amplify, "partition": exp_partition}
+               "install": exp_install, "amplify": exp_amplify, "partition": exp_partition,
+               "atoms": exp_atoms}
 FLAGS = [  # (flag, default, help): the type is the default's (a type: that type, default None); a list is
     # comma-separated; a tuple lists the choices, the first is the default
     # ---- run, site, output ----
@@ -1221,6 +1236,8 @@ FLAGS = [  # (flag, default, help): the type is the default's (a type: that type
     ("amp-len", 100, None), ("amp-temperature", 0.7, None),
     # ---- 4. partition ----
     ("tau", 0.05, None), ("min-fire", 1, "firings for an atom to count as alive"),
+    # ---- 5. atom cards ----
+    ("cards", 32, "atom cards in report.html (the atoms that fire most)"),
 ]
 
 def parse_args(argv=None):
