@@ -106,7 +106,7 @@ def load_blocks(run) -> tuple[torch.Tensor, list[int], list[int]]:
     run = Path(run)
     meta = read_json(run / "blocks.json")
     if not {"tokens", "train", "val"} <= meta.keys():
-        raise CheckpointError(f"{run / 'blocks.json'} lacks tokens / train / val: not written by train.py")
+        raise CheckpointError(f"{run / 'blocks.json'} lacks tokens / train / val: not train.py's")
     blocks = load_safetensors(run / meta["tokens"]).get("blocks")
     if blocks is None:
         raise CheckpointError(f"{run / meta['tokens']} holds no 'blocks' tensor")

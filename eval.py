@@ -619,8 +619,8 @@ def headline(res, arch):
     return rows
 
 def write_report(out, res, meta):
-    """report.json and report.md from the results so far (each written beside, then renamed into place); an
-    experiment that failed ({"error": ...}) is listed under the table."""
+    """report.json and report.md from the results so far (each written beside, then renamed into
+    place); an experiment that failed ({"error": ...}) is listed under the table."""
     def write(name, text):
         (out / f"{name}.tmp").write_text(text)
         os.replace(out / f"{name}.tmp", out / name)
@@ -644,13 +644,15 @@ def write_report(out, res, meta):
 
 EXPERIMENTS = {"subst": exp_subst, "closed": exp_closed, "erase": exp_erase, "sign": exp_sign,
                "install": exp_install, "amplify": exp_amplify, "partition": exp_partition}
-FLAGS = [  # (flag, default, help): the type is the default's (a function: that type, default None); a list is
-    # comma-separated; a tuple lists the choices, the first is the default; an int is a count (≥ 1) unless in INTS
+FLAGS = [  # (flag, default, help): the type is the default's (a function: that type, default None);
+    # a list is comma-separated; a tuple lists the choices, the first is the default; an int is a
+    # count (≥ 1) unless INTS says otherwise
     # ---- run, site, output ----
     ("run", None, "train.py run directory (default: train.py's default --out for --model)"),
     ("exp", ",".join(EXPERIMENTS), f"comma list of {', '.join(EXPERIMENTS)}"),
     ("model", None, "the model of train.py's default run, or with --run: override its model (same site)"),
-    ("head", natural, "which of the run's heads (default its first)"), ("sae", "best", "the run's SAE directory: best or last"),
+    ("head", natural, "which of the run's heads (default its first)"),
+    ("sae", "best", "the run's SAE directory: best or last"),
     ("max-blocks", 64, "held-out blocks scanned"), ("device", "cuda" if torch.cuda.is_available() else "cpu", None),
     ("dtype", ("float32", "bfloat16", "float16"), None), ("seed", 2026, "the paper's substitution / Experiment C seed"),
     ("boot", 5000, "bootstrap resamples"), ("out", None, "report directory (default <run>/eval)"),
@@ -674,27 +676,30 @@ FLAGS = [  # (flag, default, help): the type is the default's (a function: that 
     ("tau", 0.05, None), ("min-fire", 1, "firings for an atom to count as alive"),
 ]
 
-INTS = {"seed": int, "horizon": natural, "erase-atom": int, "cf-h": natural}  # int flags that are not counts
+INTS = {"seed": int, "horizon": natural, "erase-atom": int, "cf-h": natural}  # not counts
 
 def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for flag, d, hlp in FLAGS:
-        t = INTS.get(flag, count) if isinstance(d, int) or (isinstance(d, list) and isinstance(d[0], int)) else None
-        kw = ({"type": d} if callable(d) else {"choices": d, "default": d[0]} if isinstance(d, tuple) else
-              {"type": lambda s, t=t or type(d[0]): [t(x) for x in s.split(",")], "default": d}
-              if isinstance(d, list) else {"default": d} if d is None else {"type": t or type(d), "default": d})
+        first = d[0] if isinstance(d, list) else d
+        t = INTS.get(flag, count) if type(first) is int else type(first)
+        kw = ({"type": d, "default": None} if callable(d) else {"choices": d, "default": d[0]}
+              if isinstance(d, tuple) else {"type": lambda s, t=t: [t(x) for x in s.split(",")]}
+              if isinstance(d, list) else {} if d is None else {"type": t})
+        kw.setdefault("default", d)
         p.add_argument(f"--{flag}", help=hlp, **kw)
     args = p.parse_args(argv)
     args.exp = [e for e in args.exp.split(",") if e]
     if not args.exp:
         p.error("argument --exp: no experiment named")
     if bad := [e for e in args.exp if e not in EXPERIMENTS]:
-        p.error(f"argument --exp: unknown experiment {bad[0]!r}; choose from {', '.join(EXPERIMENTS)}")
+        p.error(f"argument --exp: unknown experiment {bad[0]!r}; choose from "
+                f"{', '.join(EXPERIMENTS)}")
     return args
 
 def evaluate(site, blocks, args, done=None):
-    """Scan the blocks once, run the chosen experiments; returns {experiment: results}. done(results so far) is
-    called as each finishes; one that raises is {"error": "<one line>"} and the others still run."""
+    """Scan the blocks once, run the chosen experiments; returns {experiment: results}. done(results
+    so far) is called as each finishes; one that raises is {"error": "<one line>"}; the rest run."""
     torch.manual_seed(args.seed)
     blocks, res = blocks.long().to(site.W_U.device), {}
     with torch.no_grad():
@@ -702,7 +707,7 @@ def evaluate(site, blocks, args, done=None):
         for name in args.exp:
             try:
                 res[name] = EXPERIMENTS[name](site, blocks, scans, args)
-            except Exception as e:  # noqa: BLE001  (a failed experiment must not take the others with it)
+            except Exception as e:  # noqa: BLE001  (one failure must not take the others with it)
                 tqdm.write(traceback.format_exc(), file=sys.stderr)
                 res[name] = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
             if done:
@@ -710,15 +715,17 @@ def evaluate(site, blocks, args, done=None):
     return res
 
 def check_report(out, meta):
-    """An existing report in out may only be replaced by an evaluation of the same run, model, layer and head."""
+    """A report in out is only replaced by an evaluation of the same run, model, layer and head."""
     if not (out / "report.json").exists():
         return
     old = read_json(out / "report.json").get("meta", {})
-    key = lambda m: (str(Path(m.get("run") or m.get("args", {}).get("run", "")).resolve()),  # noqa: E731
-                     *(m.get(k) for k in ("model", "layer", "head")))
+    def key(m):  # the run as an absolute path (reports before meta["run"] have args.run only)
+        run = m.get("run") or m.get("args", {}).get("run", "")
+        return (str(Path(run).resolve()), *(m.get(k) for k in ("model", "layer", "head")))
     if key(old) != key(meta):
-        raise ValueError(f"{out / 'report.json'} reports another evaluation ({old.get('model')} layer "
-                         f"{old.get('layer')} head {old.get('head')} of {key(old)[0]}): give another --out")
+        raise ValueError(f"{out / 'report.json'} reports another evaluation ({old.get('model')} "
+                         f"layer {old.get('layer')} head {old.get('head')} of {key(old)[0]}): give "
+                         f"another --out")
 
 def main(argv=None):
     import data
@@ -742,17 +749,18 @@ def main(argv=None):
         loaded = load_model(model_name, device=args.device, dtype=dtype)
     model, tok = loaded
     if model.arch != site_cfg["arch"]:
-        raise ValueError(f"--model {model_name} is a {model.arch} model; {run} was trained on {trained_on}, a "
-                         f"{site_cfg['arch']} model")
+        raise ValueError(f"--model {model_name} is a {model.arch} model; {run} was trained on "
+                         f"{trained_on}, a {site_cfg['arch']} model")
     if model_name != trained_on:
-        print(f"eval.py: warning: {run} was trained on {trained_on}, not {model_name}", file=sys.stderr)
+        print(f"eval.py: warning: {run} was trained on {trained_on}, not {model_name}",
+              file=sys.stderr)
     heads = site_cfg["heads"]
     head = heads[0] if args.head is None else args.head
     if head not in heads:
         raise ValueError(f"head {head} has no SAE in {run}: its heads are {heads}")
     if not (run / args.sae).is_dir():
-        raise ValueError(f"{run} has no {args.sae}/ SAE yet" + (": use --sae last (saved when the run stopped)"
-                                                                if (run / "last").is_dir() else ""))
+        last = ": use --sae last (saved when the run stopped)" if (run / "last").is_dir() else ""
+        raise ValueError(f"{run} has no {args.sae}/ SAE yet{last}")
     sae = WriteSAE.load(run / args.sae, device=args.device)
     site = make_site(model, tok, sae, heads.index(head), site_cfg["layer"], head, site_cfg["write"])
     blocks, _, val = data.load_blocks(run)

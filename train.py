@@ -19,10 +19,10 @@ Run directory (--out, default runs/<model>-L<layer>-H<heads>):
   metrics.jsonl    {"step", "train": {...}} and {"step", "val": {...}} records; val FVE is the number to watch
   best/, last/     WriteSAE directories (cfg.json + sae.safetensors; last/ adds train_state.pt), each written
                    beside and renamed into place, so a crash leaves the previous one
-  replaced/        --overwrite: the previous run (all but its store) until the new run's first checkpoint, which
-                   deletes it; a new run stopped before that gets it back at the next start
-A directory holding a run is continued (--resume) or replaced (--overwrite), never silently; a directory holding
-anything else is refused.
+  replaced/        --overwrite: the previous run (all but its store) until the new run's first
+                   checkpoint, which deletes it; a new run stopped before that gets it back
+A run directory is continued (--resume) or replaced (--overwrite), never silently; a directory
+holding anything else is refused.
 
 Defaults follow DESIGN.md §4. Scale-down rule for tiny models: unless given, n_feat = min(2048, 2·K·V) and
 k = min(32, n_feat / 16), so a state with K·V ≥ 1024 gets the paper's 2048 / 32 and only a smaller one is shrunk.
@@ -66,7 +66,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def checked(cast, ok, want):
-    """An argparse type= that refuses a value outside its meaning: the error names the flag and the value."""
+    """An argparse type= that refuses a value outside its meaning (argparse names the flag)."""
     def parse(s):
         try:
             x = cast(s)
@@ -89,7 +89,8 @@ def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=Help)
     # ---- model and site ------------------------------------------------------------------------------------
     p.add_argument("--model", default="demo/gdn", help="Hub repo id, local checkpoint dir, or demo/gdn|mamba2|rwkv7")
-    p.add_argument("--layer", type=natural, default=None, help="a write layer (default: see default_site)")
+    p.add_argument("--layer", type=natural, default=None,
+                   help="a write layer (default: see default_site)")
     p.add_argument("--head", default=None, help="a head, a list (1,2,5) or all: one SAE each, trained together "
                    "(default: see default_site)")
     p.add_argument("--write", choices=("additive", "increment"), default=None,
@@ -98,42 +99,56 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights (recurrences run in fp32)")
     # ---- data ----------------------------------------------------------------------------------------------
     p.add_argument("--data", nargs="+", default=["demo"], help="text files, .jsonl with a text field, or demo")
-    p.add_argument("--seq-len", type=count, default=256, help="tokens per block; every block starts from S = 0")
+    p.add_argument("--seq-len", type=count, default=256,
+                   help="tokens per block; every block starts from S = 0")
     p.add_argument("--n-seqs", type=count, default=1000, help="at most this many blocks")
     p.add_argument("--val-frac", type=fraction, default=0.2, help="held-out share of the blocks")
     p.add_argument("--positions", default="32", type=positions_arg,
                    help="states per sequence and epoch: a number (random) or all")
     p.add_argument("--store-dtype", choices=data.STORE_DTYPES, default="float16", help="see data.py's glossary")
-    p.add_argument("--extract-batch", type=count, default=8, help="blocks per model forward during extraction")
+    p.add_argument("--extract-batch", type=count, default=8,
+                   help="blocks per model forward during extraction")
     p.add_argument("--store", default=None, help="factor store directory (default: <out>/store)")
     # ---- SAE -----------------------------------------------------------------------------------------------
     p.add_argument("--variant", choices=writesae.VARIANTS, default="write", help="see writesae.py")
     p.add_argument("--rank", type=count, default=None, help="atom rank (default 1; 2 for RWKV-7)")
-    p.add_argument("--n-feat", type=count, default=None, help="dictionary size (default 2048, see the scale-down rule)")
-    p.add_argument("--k", type=count, default=None, help="active atoms per state (default 32, see the rule)")
+    p.add_argument("--n-feat", type=count, default=None,
+                   help="dictionary size (default 2048, see the scale-down rule)")
+    p.add_argument("--k", type=count, default=None,
+                   help="active atoms per state (default 32, see the rule)")
     p.add_argument("--tied", action="store_true", help="write variant: encoder factors = decoder factors")
     p.add_argument("--batch-topk", action="store_true", help="BatchTopK instead of TopK")
     p.add_argument("--k-aux", type=count, default=256, help="AuxK: dead atoms fit to the residual")
-    p.add_argument("--lambda-aux", type=nonneg, default=1e-2, help="AuxK weight (paper 1e-2, released code 1.0)")
-    p.add_argument("--dead-after", type=count, default=100, help="steps silent before an atom counts as dead")
-    p.add_argument("--renorm-every", type=count, default=100, help="decoder factors back to unit norm")
-    p.add_argument("--resample-every", type=count, default=250, help="dead atoms resampled (at most total/4)")
+    p.add_argument("--lambda-aux", type=nonneg, default=1e-2,
+                   help="AuxK weight (paper 1e-2, released code 1.0)")
+    p.add_argument("--dead-after", type=count, default=100,
+                   help="steps silent before an atom counts as dead")
+    p.add_argument("--renorm-every", type=count, default=100,
+                   help="decoder factors back to unit norm")
+    p.add_argument("--resample-every", type=count, default=250,
+                   help="dead atoms resampled (at most total/4)")
     # ---- optimisation --------------------------------------------------------------------------------------
     p.add_argument("--epochs", type=count, default=20, help="passes over the training blocks")
     p.add_argument("--batch", type=count, default=256, help="states per step (over all ranks)")
-    p.add_argument("--lr", type=rate, default=None, help="Adam peak learning rate (3e-4; demo models 2e-3)")
+    p.add_argument("--lr", type=rate, default=None,
+                   help="Adam peak learning rate (3e-4; demo models 2e-3)")
     p.add_argument("--lr-end", type=nonneg, default=None, help="cosine floor (default lr / 10)")
-    p.add_argument("--warmup", type=natural, default=50, help="linear warmup steps (at most total/4)")
+    p.add_argument("--warmup", type=natural, default=50,
+                   help="linear warmup steps (at most total/4)")
     p.add_argument("--seed", type=int, default=42, help="split, SAE init, positions and batch order")
     # ---- run -----------------------------------------------------------------------------------------------
     p.add_argument("--out", default=None, help="run directory (default runs/<model>-L<layer>-H<heads>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly (same arguments)")
-    p.add_argument("--overwrite", action="store_true", help="replace the run in --out (its SAE and eval/ go once "
-                   "the new run saves its first checkpoint)")
-    p.add_argument("--eval-every", type=count, default=None, help="steps between validations (default: an epoch)")
-    p.add_argument("--val-states", type=count, default=4096, help="validation states (a fixed sample)")
-    p.add_argument("--log-every", type=count, default=10, help="steps between train records in metrics.jsonl")
-    p.add_argument("--max-steps", type=count, default=None, help="stop at this step as Ctrl-C does (save last/)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (its SAE and eval/ go at the new checkpoint)")
+    p.add_argument("--eval-every", type=count, default=None,
+                   help="steps between validations (default: an epoch)")
+    p.add_argument("--val-states", type=count, default=4096,
+                   help="validation states (a fixed sample)")
+    p.add_argument("--log-every", type=count, default=10,
+                   help="steps between train records in metrics.jsonl")
+    p.add_argument("--max-steps", type=count, default=None,
+                   help="stop at this step as Ctrl-C does (save last/)")
     args = p.parse_args(argv)
     if args.lr is None:
         args.lr = DEMO_LR if args.model.startswith("demo/") else 3e-4
@@ -186,29 +201,32 @@ def git_commit() -> str | None:  # None outside a git checkout
     return git.stdout.strip() or None
 
 
-RUN_FILES = {"config.json", "blocks.json", "blocks.safetensors", "store", "metrics.jsonl", "best", "last", "eval",
-             "replaced", "best.tmp", "best.old", "last.tmp", "last.old"}  # what a run directory may hold
-PAST_EXTRACTION = ("config.json", "metrics.jsonl", "best", "last", "eval")  # a run that --resume or --overwrite names
+RUN_FILES = {"config.json", "blocks.json", "blocks.safetensors", "store", "metrics.jsonl", "best",
+             "last", "eval", "replaced", "best.tmp", "best.old", "last.tmp", "last.old"}
+PAST_EXTRACTION = ("config.json", "metrics.jsonl", "best", "last", "eval")  # needs a flag to touch
 
 
 def check_out(out: Path, resume: bool, overwrite: bool):
-    """Refuse an --out that is not a run directory, or one whose run this command would replace unasked."""
+    """Refuse an --out that is not a run directory, or whose run this would replace unasked."""
     if not out.exists():
         return
     if not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a run directory")
     names = {f.name for f in out.iterdir()}
     if foreign := sorted(names - RUN_FILES):
-        raise ValueError(f"--out {out} is not a train.py run directory (it holds {foreign[0]}): pick another --out")
+        raise ValueError(f"--out {out} is not a train.py run directory (it holds {foreign[0]}): "
+                         f"pick another --out")
     if "config.json" in names and "site" not in read_json(out / "config.json"):
-        raise ValueError(f"--out {out} is not a train.py run directory (its config.json is not a run's)")
+        raise ValueError(f"--out {out} is not a train.py run directory (its config.json is not "
+                         f"a run's)")
     if not (resume or overwrite) and names & set(PAST_EXTRACTION):
-        raise ValueError(f"{out} holds a run: continue it with --resume, or replace it with --overwrite")
+        raise ValueError(f"{out} holds a run: continue it with --resume, or replace it with "
+                         f"--overwrite")
 
 
 def recover(out: Path):
-    """Finish what a crash interrupted: a swap of best/ or last/ (replace_dir), or an --overwrite whose new run
-    stopped before its first checkpoint (the replaced run comes back)."""
+    """Finish what a crash interrupted: a swap of best/ or last/ (replace_dir), or an --overwrite
+    whose new run stopped before its first checkpoint (the replaced run comes back)."""
     for name in ("last", "best"):
         if not (out / name).exists() and (out / f"{name}.old").exists():
             os.replace(out / f"{name}.old", out / name)
@@ -222,9 +240,10 @@ def recover(out: Path):
 
 
 def set_aside(out: Path):
-    """--overwrite: the old run (its store stays, for reuse) into replaced/ until the new run's first checkpoint."""
+    """--overwrite: the old run (not its store: it is reused) into replaced/ until the new run's
+    first checkpoint."""
     (out / "replaced").mkdir()
-    for name in ("config.json", "blocks.json", "blocks.safetensors", "metrics.jsonl", "best", "last", "eval"):
+    for name in sorted(RUN_FILES - {"store", "replaced"}):
         if (out / name).exists():
             os.replace(out / name, out / "replaced" / name)
 
@@ -373,8 +392,10 @@ def run(args):
     # ---- SAE, optimiser, loaders ----
     n_feat = min(2048, 2 * K * V) if args.n_feat is None else args.n_feat
     cfg = writesae.SAEConfig(
-        d_k=K, d_v=V, variant=args.variant, rank=(2 if arch == "rwkv7" else 1) if args.rank is None else args.rank,
-        n_feat=n_feat, k=min(32, max(1, n_feat // 16)) if args.k is None else args.k, tied=args.tied, batch_topk=args.batch_topk, k_aux=args.k_aux,
+        d_k=K, d_v=V, variant=args.variant, n_feat=n_feat,
+        rank=(2 if arch == "rwkv7" else 1) if args.rank is None else args.rank,
+        k=min(32, max(1, n_feat // 16)) if args.k is None else args.k,
+        tied=args.tied, batch_topk=args.batch_topk, k_aux=args.k_aux,
         lambda_aux=args.lambda_aux, dead_after=args.dead_after, renorm_every=args.renorm_every,
         resample_every=args.resample_every, n_sae=len(heads), lr=args.lr, lr_end=args.lr_end, warmup=args.warmup)
     m = args.seq_len if positions == "all" else min(positions, args.seq_len)
@@ -430,7 +451,7 @@ def run(args):
                             "rng": torch.get_rng_state(), "best": best}, d / "train_state.pt")
         if rank == 0:
             replace_dir(out / name, write)
-            shutil.rmtree(out / "replaced", ignore_errors=True)  # --overwrite: the new run has its checkpoint
+            shutil.rmtree(out / "replaced", ignore_errors=True)  # --overwrite: the new run has one
 
     def evaluate():
         v = validate(sae, itertools.islice(val_loader.epoch(0), val_steps), world)
@@ -498,7 +519,7 @@ def main(argv=None):
         return run(args)
     except (ValueError, OSError) as e:  # bad input: one line that names it (hub.CheckpointError is a ValueError)
         sys.exit(f"train.py: error: {e}")
-    except KeyboardInterrupt:  # during training last/ is saved first; before it, a rerun starts over
+    except KeyboardInterrupt:  # in training, last/ is saved first; before it, a rerun starts over
         print("train.py: interrupted", file=sys.stderr)
         sys.exit(130)
 

@@ -214,10 +214,11 @@ class WriteSAE(nn.Module):
             out = F.embedding_bag(rows.reshape(h * B, m), self.W_dec.flatten(0, 1),
                                   per_sample_weights=vals.reshape(h * B, m), mode="sum")  # [h·B,K·V]
         else:  # Σ_j Σ_r a_j v_{j,r} w_{j,r}ᵀ = (a·V_idx)ᵀ W_idx
-            # index_select, not [rows]: its backward (index_add_) sums repeated rows in a fixed order on any
-            # number of CPU threads; the indexing backward (index_put_ accumulate) does not
-            ks = self.dec_k.flatten(0, 1).index_select(0, rows.flatten()) * vals.reshape(-1, 1, 1)  # [h·B·m,r,K]
-            vs = self.dec_v.flatten(0, 1).index_select(0, rows.flatten())                           # [h·B·m,r,V]
+            # index_select, not [rows]: its backward (index_add_) sums repeated rows in a fixed
+            # order on any number of CPU threads; the indexing backward does not
+            flat, dk, dv = rows.flatten(), self.dec_k.flatten(0, 1), self.dec_v.flatten(0, 1)
+            ks = dk.index_select(0, flat) * vals.reshape(-1, 1, 1)                  # [h·B·m,r,K]
+            vs = dv.index_select(0, flat)                                           # [h·B·m,r,V]
             out = ks.view(h * B, m * r, K).transpose(1, 2) @ vs.view(h * B, m * r, V)  # [h·B,K,V]
         out = out.view(h, B, K, V)
         return out + self.b_dec[:, None] if bias else out

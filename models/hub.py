@@ -25,8 +25,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read as asked: the message names the file or tensor."""
 
 
-# One reader per file format, used for every file the project reads back (checkpoints, SAEs, runs): a missing,
-# truncated or corrupt file is a CheckpointError of one line that names it.
+# One reader per file format, used for every file the project reads back (checkpoints, SAEs, runs):
+# a missing, truncated or corrupt file is a CheckpointError of one line that names it.
 
 def read_json(path) -> dict:
     """A JSON object from a file."""
@@ -51,14 +51,15 @@ def load_safetensors(path, device="cpu", metadata=False):
 
 
 def load_pt(path, **kw):
-    """A torch.save / .bin / .pth file, with weights_only=True: tensors and plain containers only, never code."""
+    """A torch.save / .bin / .pth file, weights_only=True: tensors and plain containers, no code."""
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True, **kw)
     except pickle.UnpicklingError:
-        raise CheckpointError(f"{path} holds Python objects that torch.load(weights_only=True) refuses to run: "
-                              f"convert it to a state dict of tensors (or safetensors)") from None
+        raise CheckpointError(f"{path} holds Python objects that torch.load(weights_only=True) "
+                              f"refuses to run: convert it to a state dict of tensors") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0]} (truncated or corrupt?)") from None
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"cannot read {path}: {why} (truncated or corrupt?)") from None
 
 
 def resolve(name_or_path, revision=None, allow_patterns=WEIGHT_PATTERNS) -> Path:
@@ -140,7 +141,7 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
         try:
             return cls(HFTokenizer.from_file(str(file)), eos_id)
-        except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        except Exception as e:  # the tokenizers library raises a bare Exception on a bad file
             raise CheckpointError(f"cannot read {file}: {e}") from None
 
     def encode(self, text: str) -> list[int]:
