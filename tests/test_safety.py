@@ -247,6 +247,13 @@ def test_eval_command_exits_nonzero_when_an_experiment_fails(trained, tmp_path, 
     assert rep["partition"]["alive"] > 0
     assert rep["amplify"]["error"].startswith("ValueError: no newline token")
 
+    def ctrl_c(*_, **__):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("models.load_model", ctrl_c)  # Ctrl-C while the model loads
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "eval.py"), run_name="__main__")
+    assert e.value.code == 130
+
 
 # ---- determinism --------------------------------------------------------------------------------
 
