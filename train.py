@@ -140,7 +140,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="run directory (default runs/<model>-L<layer>-H<heads>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly (same arguments)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the run in --out (its SAE and eval/ go at the new checkpoint)")
+                   help="replace the run in --out (the old SAE and eval/ go at its first save)")
     p.add_argument("--eval-every", type=count, default=None,
                    help="steps between validations (default: an epoch)")
     p.add_argument("--val-states", type=count, default=4096,
