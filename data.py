@@ -120,10 +120,15 @@ def save_blocks(run: Path, blocks, train, val):
 
 def load_blocks(run) -> tuple[torch.Tensor, list[int], list[int]]:
     """(blocks [N,T] int32, train, val) of a run directory: what eval.py reads to stay off the training blocks."""
-    from safetensors.torch import load_file
+    from models.hub import CheckpointError, load_safetensors, read_json
     run = Path(run)
-    meta = json.loads((run / "blocks.json").read_text())
-    return load_file(str(run / meta["tokens"]))["blocks"], meta["train"], meta["val"]
+    meta = read_json(run / "blocks.json")
+    if not {"tokens", "train", "val"} <= meta.keys():
+        raise CheckpointError(f"{run / 'blocks.json'} lacks tokens / train / val: not train.py's")
+    blocks = load_safetensors(run / meta["tokens"]).get("blocks")
+    if blocks is None:
+        raise CheckpointError(f"{run / meta['tokens']} holds no 'blocks' tensor")
+    return blocks, meta["train"], meta["val"]
 
 
 def fingerprint(blocks) -> str:
@@ -158,8 +163,9 @@ class FactorStore:
     @classmethod
     def open(cls, root) -> "FactorStore | None":
         """The complete store in root, or None when there is none (or an extraction was cut short)."""
+        from models.hub import read_json
         f = Path(root) / "store.json"
-        return cls(root, json.loads(f.read_text())) if f.exists() else None
+        return cls(root, read_json(f)) if f.exists() else None
 
     def finish(self):
         tmp = self.root / "store.json.tmp"

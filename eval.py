@@ -34,6 +34,9 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -42,6 +45,8 @@ from tqdm import tqdm
 import report_html
 from models import Capture, Edit, load_model
 from models.common import apply_edits
+from models.hub import read_json
+from train import Parser, count, natural
 from writesae import (WriteSAE, atom_write_cosines, frob, frob_cos, install_direction, install_factors,
                       logit_shift_prediction, shift_predictions, substitution_factors)
 
@@ -1172,17 +1177,26 @@ def headline(res, arch):
     return rows
 
 def write_report(out, res, meta):
+    """report.json and report.md from the results so far (each written beside, then renamed into
+    place); an experiment that failed ({"error": ...}) is listed under the table."""
+    def write(name, text):
+        (out / f"{name}.tmp").write_text(text)
+        os.replace(out / f"{name}.tmp", out / name)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps({"meta": meta, **res}, indent=1, default=float) + "\n")
+    write("report.json", json.dumps({"meta": meta, **res}, indent=1, default=float) + "\n")
     L = [f"# WriteSAE evaluation: {meta['model']} layer {meta['layer']} head {meta['head']}", "",
          "| quantity | ours | n | 95% CI | paper (n) |", "|---|---|---|---|---|"]
-    L += [f"| {q} | {v} | {n} | {c} | {p} |" for q, v, n, c, p in headline(res, meta["arch"])]
+    L += [f"| {q} | {v} | {n} | {c} | {p} |" for q, v, n, c, p in
+          headline({k: r for k, r in res.items() if "error" not in r}, meta["arch"])]
+    if failed := [f"- {k}: {r['error']}" for k, r in res.items() if "error" in r]:
+        L += ["", "Failed experiments:", ""] + failed
     L += ["", "## Setup", ""] + [f"- {k}: {v}" for k, v in meta.items()]
     L += ["", "## Read path and closed form for this architecture", "", READ_PATH[meta["arch"]], "",
           "## Deviations from the paper's protocol", ""] + [f"- {d}" for d in DEVIATIONS]
-    for name, r in res.items():
+    for name, r in res.items():  # the per-point lists (figures, cards) stay in report.json
+        r = {k: v for k, v in r.items() if k != "points"} if name != "atoms" else "in report.json"
         L += ["", f"## {name}", "", "```json", json.dumps(r, indent=1, default=float), "```"]
-    (out / "report.md").write_text("\n".join(L) + "\n")
+    write("report.md", "\n".join(L) + "\n")
     report_html.write(out)
 
 
@@ -1191,15 +1205,16 @@ def write_report(out, res, meta):
 EXPERIMENTS = {"subst": exp_subst, "closed": exp_closed, "erase": exp_erase, "sign": exp_sign,
                "install": exp_install, "amplify": exp_amplify, "partition": exp_partition,
                "atoms": exp_atoms}
-FLAGS = [  # (flag, default, help): the type is the default's (a type: that type, default None); a list is
-    # comma-separated; a tuple lists the choices, the first is the default
+FLAGS = [  # (flag, default, help): the type is the default's (a function: that type, default None);
+    # a list is comma-separated; a tuple lists the choices, the first is the default; an int is a
+    # count (≥ 1) unless INTS says otherwise
     # ---- run, site, output ----
     ("run", None, "train.py run directory (default: train.py's default --out for --model)"),
     ("exp", ",".join(EXPERIMENTS), f"comma list of {', '.join(EXPERIMENTS)}"),
     ("model", None, "the model of train.py's default run, or with --run: override its model (same site)"),
-    ("layer", int, "without --run: the layer of train.py's default run for --model (default: its "
+    ("layer", natural, "without --run: the layer of train.py's default run for --model (default: its "
                    "default site)"),
-    ("head", int, "which of the run's heads (default its first); without --run, also picks "
+    ("head", natural, "which of the run's heads (default its first); without --run, also picks "
                   "train.py's default run of that one head"),
     ("sae", "best", "the run's SAE directory: best or last"),
     ("tokenizer", None, "as train.py --tokenizer (default: the run's)"),
@@ -1240,26 +1255,56 @@ FLAGS = [  # (flag, default, help): the type is the default's (a type: that type
     ("cards", 32, "atom cards in report.html (the atoms that fire most)"),
 ]
 
+INTS = {"seed": int, "horizon": natural, "erase-atom": int, "cf-h": natural}  # not counts
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for flag, d, hlp in FLAGS:
-        kw = ({"type": d} if isinstance(d, type) else {"choices": d, "default": d[0]} if isinstance(d, tuple) else
-              {"type": lambda s, t=type(d[0]): [t(x) for x in s.split(",")], "default": d} if isinstance(d, list)
-              else {"default": d} if d is None else {"type": type(d), "default": d})
+        first = d[0] if isinstance(d, list) else d
+        t = INTS.get(flag, count) if type(first) is int else type(first)
+        kw = ({"type": d, "default": None} if callable(d) else {"choices": d, "default": d[0]}
+              if isinstance(d, tuple) else {"type": lambda s, t=t: [t(x) for x in s.split(",")]}
+              if isinstance(d, list) else {} if d is None else {"type": t})
+        kw.setdefault("default", d)
         p.add_argument(f"--{flag}", help=hlp, **kw)
     args = p.parse_args(argv)
     args.exp = [e for e in args.exp.split(",") if e]
+    if not args.exp:
+        p.error("argument --exp: no experiment named")
     if bad := [e for e in args.exp if e not in EXPERIMENTS]:
-        p.error(f"unknown experiment {bad[0]!r}; choose from {', '.join(EXPERIMENTS)}")
+        p.error(f"argument --exp: unknown experiment {bad[0]!r}; choose from "
+                f"{', '.join(EXPERIMENTS)}")
     return args
 
-def evaluate(site, blocks, args):
-    """Scan the blocks once, run the chosen experiments; returns {experiment: results}."""
+def evaluate(site, blocks, args, done=None):
+    """Scan the blocks once, run the chosen experiments; returns {experiment: results}. done(results
+    so far) is called as each finishes; one that raises is {"error": "<one line>"}; the rest run."""
     torch.manual_seed(args.seed)
-    blocks = blocks.long().to(site.W_U.device)
+    blocks, res = blocks.long().to(site.W_U.device), {}
     with torch.no_grad():
         scans = [scan(site, b) for b in tqdm(blocks, desc="scan", leave=False)]
-        return {name: EXPERIMENTS[name](site, blocks, scans, args) for name in args.exp}
+        for name in args.exp:
+            try:
+                res[name] = EXPERIMENTS[name](site, blocks, scans, args)
+            except Exception as e:  # noqa: BLE001  (one failure must not take the others with it)
+                tqdm.write(traceback.format_exc(), file=sys.stderr)
+                res[name] = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
+            if done:
+                done(res)
+    return res
+
+def check_report(out, meta):
+    """A report in out is only replaced by an evaluation of the same run, model, layer and head."""
+    if not (out / "report.json").exists():
+        return
+    old = read_json(out / "report.json").get("meta", {})
+    def key(m):  # the run as an absolute path (reports before meta["run"] have args.run only)
+        run = m.get("run") or m.get("args", {}).get("run", "")
+        return (str(Path(run).resolve()), *(m.get(k) for k in ("model", "layer", "head")))
+    if key(old) != key(meta):
+        raise ValueError(f"{out / 'report.json'} reports another evaluation ({old.get('model')} "
+                         f"layer {old.get('layer')} head {old.get('head')} of {key(old)[0]}): give "
+                         f"another --out")
 
 PRECISION = ("the experiments compare logits of edited and unedited runs (KL, Δℓ), differences "
              "far below bf16/fp16 resolution: run eval.py in float32 (--dtype is for train.py)")
@@ -1284,36 +1329,53 @@ def main(argv=None):
     if not (run / "config.json").exists():
         raise ValueError(f"{run} is not a train.py run directory (no config.json): train one with "
                          f"train.py first, or name its directory with --run")
-    cfg = json.loads((run / "config.json").read_text())
-    site_cfg, model_name = cfg["site"], args.model or cfg["args"]["model"]
+    cfg = read_json(run / "config.json")
+    if not {"args", "site"} <= cfg.keys():
+        raise ValueError(f"{run} is not a train.py run directory (its config.json is not a run's)")
+    site_cfg, trained_on = cfg["site"], cfg["args"]["model"]
+    model_name = trained_on if args.model is None else args.model
     rev = args.revision or cfg["args"].get("revision")  # the run's, unless given
     tokenizer = args.tokenizer or cfg["args"].get("tokenizer")
-    if loaded is None or model_name != cfg["args"]["model"] or (rev, tokenizer) != (args.revision,
-                                                                                  args.tokenizer):
+    if loaded is None or model_name != trained_on or (rev, tokenizer) != (args.revision,
+                                                                          args.tokenizer):
         loaded = load_model(model_name, device=args.device, dtype=dtype, revision=rev,
                             tokenizer=tokenizer)
     model, tok = loaded
+    if model.arch != site_cfg["arch"]:
+        raise ValueError(f"--model {model_name} is a {model.arch} model; {run} was trained on "
+                         f"{trained_on}, a {site_cfg['arch']} model")
+    if model_name != trained_on:
+        print(f"eval.py: warning: {run} was trained on {trained_on}, not {model_name}",
+              file=sys.stderr)
     heads = site_cfg["heads"]
     head = heads[0] if args.head is None else args.head
     if head not in heads:
         raise ValueError(f"head {head} has no SAE in {run}: its heads are {heads}")
+    if not (run / args.sae).is_dir():
+        last = ": use --sae last (saved when the run stopped)" if (run / "last").is_dir() else ""
+        raise ValueError(f"{run} has no {args.sae}/ SAE yet{last}")
     sae = WriteSAE.load(run / args.sae, device=args.device)
     site = make_site(model, tok, sae, heads.index(head), site_cfg["layer"], head, site_cfg["write"])
     blocks, _, val = data.load_blocks(run)
     blocks = blocks[val[:args.max_blocks]]
-    res = evaluate(site, blocks, args)
     meta = {"model": model_name, "arch": model.arch, "layer": site.layer, "head": head, "write": site.write,
             "sae": f"{run / args.sae} ({sae.cfg.variant}, n_feat {sae.cfg.n_feat}, k {sae.cfg.k}, rank {sae.cfg.rank})",
             "data": f"{len(blocks)} held-out blocks × {blocks.shape[1]} tokens of {cfg['args'].get('data')}",
-            "seed": args.seed, "args": vars(args) | {"run": str(run)}}
+            "seed": args.seed, "run": str(run.resolve()), "args": vars(args) | {"run": str(run)}}
     out = Path(args.out) if args.out else run / "eval"
-    write_report(out, res, meta)
+    check_report(out, meta)
+    res = evaluate(site, blocks, args, done=lambda res: write_report(out, res, meta))
     print((out / "report.md").read_text().split("\n## Setup")[0])
     return res
 
 
 if __name__ == "__main__":
     try:
-        main()
-    except ValueError as e:  # bad input: one line that names it
+        failed = [name for name, r in main().items() if "error" in r]
+    except (ValueError, OSError) as e:  # bad input: one line that names it
         raise SystemExit(f"eval.py: error: {e}")
+    except KeyboardInterrupt:  # the report holds the experiments that finished
+        print("eval.py: interrupted", file=sys.stderr)
+        raise SystemExit(130)
+    if failed:
+        raise SystemExit(f"eval.py: error: {', '.join(failed)} failed (named in the report)")

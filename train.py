@@ -19,6 +19,10 @@ Run directory (--out, default runs/<model>-L<layer>-H<heads>):
   metrics.jsonl    {"step", "train": {...}} and {"step", "val": {...}} records; val FVE is the number to watch
   best/, last/     WriteSAE directories (cfg.json + sae.safetensors; last/ adds train_state.pt), each written
                    beside and renamed into place, so a crash leaves the previous one
+  replaced/        --overwrite: the previous run (all but its store) until the new run's first
+                   checkpoint, which deletes it; a new run stopped before that gets it back
+A run directory is continued (--resume) or replaced (--overwrite), never silently; a directory
+holding anything else is refused.
 
 Defaults follow DESIGN.md §4. Scale-down rule for tiny models: unless given, n_feat = min(2048, 2·K·V) and
 k = min(32, n_feat / 16), so a state with K·V ≥ 1024 gets the paper's 2048 / 32 and only a smaller one is shrunk.
@@ -44,6 +48,7 @@ import torch.distributed as dist
 
 import data
 import writesae
+from models.hub import load_pt, load_safetensors, read_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NOT_BINDING = ("resume", "max_steps", "device", "out", "log_every")  # may change between a run and its --resume
@@ -56,11 +61,37 @@ class Help(argparse.RawDescriptionHelpFormatter):
         return (action.help or "") + (f" (default: {action.default})" if shown else "")
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line that names the flag (--help shows the usage)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def checked(cast, ok, want):
+    """An argparse type= that refuses a value outside its meaning (argparse names the flag)."""
+    def parse(s):
+        try:
+            x = cast(s)
+        except ValueError:
+            x = None
+        if x is None or not ok(x):
+            raise argparse.ArgumentTypeError(f"want {want}, not {s!r}")
+        return x
+    return parse
+
+
+count = checked(int, lambda n: n >= 1, "a positive integer")               # sizes, counts, periods
+natural = checked(int, lambda n: n >= 0, "an integer ≥ 0")
+rate = checked(float, lambda x: 0 < x < math.inf, "a positive number")     # nan is refused too
+nonneg = checked(float, lambda x: 0 <= x < math.inf, "a number ≥ 0")
+fraction = checked(float, lambda x: 0 < x < 1, "a number strictly between 0 and 1")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    p = Parser(description=__doc__, formatter_class=Help)
     # ---- model and site ------------------------------------------------------------------------------------
     p.add_argument("--model", default="demo/gdn", help="Hub repo id, local checkpoint dir, or demo/gdn|mamba2|rwkv7")
-    p.add_argument("--layer", type=int, default=None, help="a write layer (default: see default_site)")
+    p.add_argument("--layer", type=natural, default=None,
+                   help="a write layer (default: see default_site)")
     p.add_argument("--head", default=None, help="a head, a list (1,2,5) or all: one SAE each, trained together "
                    "(default: see default_site)")
     p.add_argument("--write", choices=("additive", "increment"), default=None,
@@ -74,45 +105,65 @@ def parse_args(argv=None):
                    "(faster, ~1e-3 relative rounding); off otherwise, and always in extraction")
     # ---- data ----------------------------------------------------------------------------------------------
     p.add_argument("--data", nargs="+", default=["demo"], help="text files, .jsonl with a text field, or demo")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per block; every block starts from S = 0")
-    p.add_argument("--n-seqs", type=int, default=1000, help="at most this many blocks")
-    p.add_argument("--val-frac", type=float, default=0.2, help="held-out share of the blocks")
+    p.add_argument("--seq-len", type=count, default=256,
+                   help="tokens per block; every block starts from S = 0")
+    p.add_argument("--n-seqs", type=count, default=1000, help="at most this many blocks")
+    p.add_argument("--val-frac", type=fraction, default=0.2, help="held-out share of the blocks")
     p.add_argument("--positions", default="32", type=positions_arg,
                    help="states per sequence and epoch: a number (random) or all")
     p.add_argument("--store-dtype", choices=data.STORE_DTYPES, default="float16", help="see data.py's glossary")
-    p.add_argument("--extract-batch", type=int, default=8, help="blocks per model forward during extraction")
+    p.add_argument("--extract-batch", type=count, default=8,
+                   help="blocks per model forward during extraction")
     p.add_argument("--store", default=None, help="factor store directory (default: <out>/store)")
     # ---- SAE -----------------------------------------------------------------------------------------------
     p.add_argument("--variant", choices=writesae.VARIANTS, default="write", help="see writesae.py")
-    p.add_argument("--rank", type=int, default=None, help="atom rank (default 1; 2 for RWKV-7)")
-    p.add_argument("--n-feat", type=int, default=None, help="dictionary size (default 2048, see the scale-down rule)")
-    p.add_argument("--k", type=int, default=None, help="active atoms per state (default 32, see the rule)")
+    p.add_argument("--rank", type=count, default=None, help="atom rank (default 1; 2 for RWKV-7)")
+    p.add_argument("--n-feat", type=count, default=None,
+                   help="dictionary size (default 2048, see the scale-down rule)")
+    p.add_argument("--k", type=count, default=None,
+                   help="active atoms per state (default 32, see the rule)")
     p.add_argument("--tied", action="store_true", help="write variant: encoder factors = decoder factors")
     p.add_argument("--batch-topk", action="store_true", help="BatchTopK instead of TopK")
-    p.add_argument("--k-aux", type=int, default=256, help="AuxK: dead atoms fit to the residual")
-    p.add_argument("--lambda-aux", type=float, default=1e-2, help="AuxK weight (paper 1e-2, released code 1.0)")
-    p.add_argument("--dead-after", type=int, default=100, help="steps silent before an atom counts as dead")
-    p.add_argument("--renorm-every", type=int, default=100, help="decoder factors back to unit norm")
-    p.add_argument("--resample-every", type=int, default=250, help="dead atoms resampled (at most total/4)")
+    p.add_argument("--k-aux", type=count, default=256, help="AuxK: dead atoms fit to the residual")
+    p.add_argument("--lambda-aux", type=nonneg, default=1e-2,
+                   help="AuxK weight (paper 1e-2, released code 1.0)")
+    p.add_argument("--dead-after", type=count, default=100,
+                   help="steps silent before an atom counts as dead")
+    p.add_argument("--renorm-every", type=count, default=100,
+                   help="decoder factors back to unit norm")
+    p.add_argument("--resample-every", type=count, default=250,
+                   help="dead atoms resampled (at most total/4)")
     # ---- optimisation --------------------------------------------------------------------------------------
-    p.add_argument("--epochs", type=int, default=20, help="passes over the training blocks")
-    p.add_argument("--batch", type=int, default=256, help="states per step (over all ranks)")
-    p.add_argument("--lr", type=float, default=None, help="Adam peak learning rate (3e-4; demo models 2e-3)")
-    p.add_argument("--lr-end", type=float, default=None, help="cosine floor (default lr / 10)")
-    p.add_argument("--warmup", type=int, default=50, help="linear warmup steps (at most total/4)")
+    p.add_argument("--epochs", type=count, default=20, help="passes over the training blocks")
+    p.add_argument("--batch", type=count, default=256, help="states per step (over all ranks)")
+    p.add_argument("--lr", type=rate, default=None,
+                   help="Adam peak learning rate (3e-4; demo models 2e-3)")
+    p.add_argument("--lr-end", type=nonneg, default=None, help="cosine floor (default lr / 10)")
+    p.add_argument("--warmup", type=natural, default=50,
+                   help="linear warmup steps (at most total/4)")
     p.add_argument("--seed", type=int, default=42, help="split, SAE init, positions and batch order")
     # ---- run -----------------------------------------------------------------------------------------------
     p.add_argument("--out", default=None, help="run directory (default runs/<model>-L<layer>-H<heads>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly (same arguments)")
-    p.add_argument("--eval-every", type=int, default=None, help="steps between validations (default: an epoch)")
-    p.add_argument("--val-states", type=int, default=4096, help="validation states (a fixed sample)")
-    p.add_argument("--log-every", type=int, default=10, help="steps between train records in metrics.jsonl")
-    p.add_argument("--max-steps", type=int, default=None, help="stop at this step as Ctrl-C does (save last/)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (the old SAE and eval/ go at its first save)")
+    p.add_argument("--eval-every", type=count, default=None,
+                   help="steps between validations (default: an epoch)")
+    p.add_argument("--val-states", type=count, default=4096,
+                   help="validation states (a fixed sample)")
+    p.add_argument("--log-every", type=count, default=10,
+                   help="steps between train records in metrics.jsonl")
+    p.add_argument("--max-steps", type=count, default=None,
+                   help="stop at this step as Ctrl-C does (save last/)")
     args = p.parse_args(argv)
     if args.lr is None:
         args.lr = DEMO_LR if args.model.startswith("demo/") else 3e-4
     if args.lr_end is None:
         args.lr_end = args.lr / 10
+    if args.lr_end > args.lr:
+        p.error(f"argument --lr-end: {args.lr_end:g} is above the peak --lr {args.lr:g}")
+    if args.resume and args.overwrite:
+        p.error("argument --overwrite: not with --resume")
     return args
 
 
@@ -170,8 +221,8 @@ def weight_fingerprint(model, piece=1 << 24) -> str:
 
 def shared_blocks(args, tok, out, rank, world):
     """(blocks, train, val): rank 0 reads the corpus (streamed, only as far as --n-seqs blocks
-    need), tokenises it and saves the blocks in `out`; the other ranks read those files. A failure
-    on rank 0 stops every rank."""
+    need), tokenises it and saves the blocks in `out` (with --overwrite, once the old run is set
+    aside); the other ranks read those files. A failure on rank 0 stops every rank."""
     err = None
     if rank == 0:
         try:
@@ -179,6 +230,8 @@ def shared_blocks(args, tok, out, rank, world):
             blocks = data.make_blocks(texts, tok, args.seq_len, args.n_seqs, names=args.data)
             train_ids, val_ids = data.split_blocks(len(blocks), args.val_frac, args.seed)
             out.mkdir(parents=True, exist_ok=True)
+            if args.overwrite:
+                set_aside(out)
             data.save_blocks(out, blocks, train_ids, val_ids)
         except (ValueError, OSError) as e:
             err = e
@@ -197,6 +250,53 @@ def git_commit() -> str | None:  # None outside a git checkout
     except OSError:
         return None
     return git.stdout.strip() or None
+
+
+RUN_FILES = {"config.json", "blocks.json", "blocks.safetensors", "store", "metrics.jsonl", "best",
+             "last", "eval", "replaced", "best.tmp", "best.old", "last.tmp", "last.old"}
+PAST_EXTRACTION = ("config.json", "metrics.jsonl", "best", "last", "eval")  # needs a flag to touch
+
+
+def check_out(out: Path, resume: bool, overwrite: bool):
+    """Refuse an --out that is not a run directory, or whose run this would replace unasked."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a run directory")
+    names = {f.name for f in out.iterdir()}
+    if foreign := sorted(names - RUN_FILES):
+        raise ValueError(f"--out {out} is not a train.py run directory (it holds {foreign[0]}): "
+                         f"pick another --out")
+    if "config.json" in names and "site" not in read_json(out / "config.json"):
+        raise ValueError(f"--out {out} is not a train.py run directory (its config.json is not "
+                         f"a run's)")
+    if not (resume or overwrite) and names & set(PAST_EXTRACTION):
+        raise ValueError(f"{out} holds a run: continue it with --resume, or replace it with "
+                         f"--overwrite")
+
+
+def recover(out: Path):
+    """Finish what a crash interrupted: a swap of best/ or last/ (replace_dir), or an --overwrite
+    whose new run stopped before its first checkpoint (the replaced run comes back)."""
+    for name in ("last", "best"):
+        if not (out / name).exists() and (out / f"{name}.old").exists():
+            os.replace(out / f"{name}.old", out / name)
+    old = out / "replaced"
+    if old.is_dir() and any((out / name).exists() for name in ("best", "last")):
+        shutil.rmtree(old)
+    elif old.is_dir():
+        for f in old.iterdir():
+            os.replace(f, out / f.name)
+        old.rmdir()
+
+
+def set_aside(out: Path):
+    """--overwrite: the old run (not its store: it is reused) into replaced/ until the new run's
+    first checkpoint."""
+    (out / "replaced").mkdir()
+    for name in sorted(RUN_FILES - {"store", "replaced"}):
+        if (out / name).exists():
+            os.replace(out / name, out / "replaced" / name)
 
 
 def replace_dir(dst: Path, write):
@@ -299,17 +399,18 @@ def run(args):
     heads = parse_heads(str(site[1]) if args.head is None else args.head, model.n_heads)
     for h in heads:
         model.check_site(layer, h)
-    arch, write, K, V = model.arch, args.write or model.default_write, *model.state_shape
+    arch, K, V = model.arch, *model.state_shape
+    write = model.default_write if args.write is None else args.write
     out = Path(args.out) if args.out else default_out(args.model, layer, heads, model.n_heads)
-    for name in ("last", "best") if rank == 0 else ():  # finish a swap a crash interrupted
-        if not (out / name).exists() and (out / f"{name}.old").exists():
-            os.replace(out / f"{name}.old", out / name)
+    if rank == 0:
+        recover(out)
     if barrier:
         barrier()
+    check_out(out, args.resume, args.overwrite)
     if args.resume:
         if not (out / "last" / "train_state.pt").exists():
             raise ValueError(f"nothing to resume in {out}: no last/ checkpoint")
-        saved = json.loads((out / "config.json").read_text())["args"]
+        saved = read_json(out / "config.json")["args"]
         for k, v in saved.items():
             if k not in NOT_BINDING and v != vars(args).get(k):
                 raise ValueError(f"--resume needs the run's arguments: it used --{k.replace('_', '-')} {v}, "
@@ -317,9 +418,6 @@ def run(args):
 
     # ---- corpus, blocks, split, factor store ----
     blocks, train_ids, val_ids = shared_blocks(args, tok, out, rank, world)
-    if rank == 0:
-        for name in () if args.resume else ("best", "last"):  # a fresh run never leaves an older run's SAE behind
-            shutil.rmtree(out / name, ignore_errors=True)
     store_dir = Path(args.store) if args.store else out / "store"
     weights = weight_fingerprint(model)
     key = {"checkpoint": args.model, "weights": weights, "tokens": data.fingerprint(blocks), "layer": layer,
@@ -340,10 +438,12 @@ def run(args):
 
     # ---- SAE, optimiser, loaders ----
     set_tf32(args.tf32)
-    n_feat = args.n_feat or min(2048, 2 * K * V)
+    n_feat = min(2048, 2 * K * V) if args.n_feat is None else args.n_feat
     cfg = writesae.SAEConfig(
-        d_k=K, d_v=V, variant=args.variant, rank=args.rank or (2 if arch == "rwkv7" else 1), n_feat=n_feat,
-        k=args.k or min(32, max(1, n_feat // 16)), tied=args.tied, batch_topk=args.batch_topk, k_aux=args.k_aux,
+        d_k=K, d_v=V, variant=args.variant, n_feat=n_feat,
+        rank=(2 if arch == "rwkv7" else 1) if args.rank is None else args.rank,
+        k=min(32, max(1, n_feat // 16)) if args.k is None else args.k,
+        tied=args.tied, batch_topk=args.batch_topk, k_aux=args.k_aux,
         lambda_aux=args.lambda_aux, dead_after=args.dead_after, renorm_every=args.renorm_every,
         resample_every=args.resample_every, n_sae=len(heads), lr=args.lr, lr_end=args.lr_end, warmup=args.warmup)
     m = args.seq_len if positions == "all" else min(positions, args.seq_len)
@@ -357,7 +457,7 @@ def run(args):
     if min(loader.steps, val_steps) < 1:
         raise ValueError(f"too few blocks for {world} ranks: {len(train_ids)} train / {len(val_ids)} val blocks")
     total = args.epochs * loader.steps
-    eval_every = args.eval_every or loader.steps
+    eval_every = loader.steps if args.eval_every is None else args.eval_every
     sae = writesae.WriteSAE(cfg, seed=args.seed).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=args.lr)
     tracker = (GlobalDeadTracker if world > 1 else writesae.DeadTracker)(cfg, device=device)
@@ -365,9 +465,8 @@ def run(args):
         opt.register_step_pre_hook(average_grads(list(sae.parameters()), loader.batch / batch))
     step, best, saved_at = 0, math.inf, None
     if args.resume:
-        from safetensors.torch import load_file
-        sae.load_state_dict(load_file(str(out / "last" / "sae.safetensors"), device=str(device)))
-        st = torch.load(out / "last" / "train_state.pt", map_location="cpu", weights_only=True)
+        sae.load_state_dict(load_safetensors(out / "last" / "sae.safetensors", device=device))
+        st = load_pt(out / "last" / "train_state.pt")
         opt.load_state_dict(st["opt"]), tracker.load_state_dict(st["tracker"]), torch.set_rng_state(st["rng"])
         step, best, saved_at = st["step"], st["best"], st["step"]
         say(f"resuming {out} at step {step}")
@@ -400,6 +499,7 @@ def run(args):
                             "rng": torch.get_rng_state(), "best": best}, d / "train_state.pt")
         if rank == 0:
             replace_dir(out / name, write)
+            shutil.rmtree(out / "replaced", ignore_errors=True)  # --overwrite: the new run has one
 
     def evaluate():
         v = validate(sae, itertools.islice(val_loader.epoch(0), val_steps), world)
@@ -413,6 +513,7 @@ def run(args):
         evaluate()
     stop = []  # set by Ctrl-C / SIGTERM; acted on once all ranks know (the last entry of the step's all-reduce)
     handlers = {s: signal.signal(s, lambda *_: stop.append(1)) for s in (signal.SIGINT, signal.SIGTERM)}
+    halt = 0
     period = min(cfg.resample_every, max(total // 4, 1))  # writesae.train_step's resampling schedule
     bar = tqdm(total=total, initial=step, desc=f"train L{layer} H{args.head or heads[0]}", disable=rank != 0, unit="step")
     names = ("loss", "mse", "aux", "fve", "l0")
@@ -455,6 +556,8 @@ def run(args):
             metrics.close()
         if world > 1:
             dist.destroy_process_group()
+    if halt:  # Ctrl-C / SIGTERM: saved above; the exit status says the run did not finish
+        raise KeyboardInterrupt
     return out
 
 
@@ -464,6 +567,9 @@ def main(argv=None):
         return run(args)
     except (ValueError, OSError) as e:  # bad input: one line that names it (hub.CheckpointError is a ValueError)
         sys.exit(f"train.py: error: {e}")
+    except KeyboardInterrupt:  # in training, last/ is saved first; before it, a rerun starts over
+        print("train.py: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

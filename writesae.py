@@ -225,8 +225,11 @@ class WriteSAE(nn.Module):
             out = F.embedding_bag(rows.reshape(h * B, m), self.W_dec.flatten(0, 1),
                                   per_sample_weights=vals.reshape(h * B, m), mode="sum")  # [h·B,K·V]
         else:  # Σ_j Σ_r a_j v_{j,r} w_{j,r}ᵀ = (a·V_idx)ᵀ W_idx
-            ks = self.dec_k.flatten(0, 1)[rows.flatten()] * vals.reshape(-1, 1, 1)  # [h·B·m,r,K]
-            vs = self.dec_v.flatten(0, 1)[rows.flatten()]                           # [h·B·m,r,V]
+            # index_select, not [rows]: its backward (index_add_) sums repeated rows in a fixed
+            # order on any number of CPU threads; the indexing backward does not
+            flat, dk, dv = rows.flatten(), self.dec_k.flatten(0, 1), self.dec_v.flatten(0, 1)
+            ks = dk.index_select(0, flat) * vals.reshape(-1, 1, 1)                  # [h·B·m,r,K]
+            vs = dv.index_select(0, flat)                                           # [h·B·m,r,V]
             out = ks.view(h * B, m * r, K).transpose(1, 2) @ vs.view(h * B, m * r, V)  # [h·B,K,V]
         out = out.view(h, B, K, V)
         return out + self.b_dec[:, None] if bias else out
@@ -283,22 +286,19 @@ class WriteSAE(nn.Module):
     @classmethod
     def load(cls, name_or_path, device="cpu", revision=None):
         """A directory written by save(), or a Hub repo id holding those two files."""
-        from safetensors import safe_open
-        from models.hub import CheckpointError, check_tensors, resolve
+        from models.hub import CheckpointError, check_tensors, load_safetensors, read_json, resolve
         path = resolve(name_or_path, revision=revision, allow_patterns=["cfg.json", "sae.safetensors"])
         for f in ("cfg.json", "sae.safetensors"):
             if not (path / f).is_file():
                 raise CheckpointError(f"{path} has no {f}: not a WriteSAE directory")
-        raw = json.loads((path / "cfg.json").read_text())
+        raw = read_json(path / "cfg.json")
         names = {f.name for f in fields(SAEConfig)}
         unknown, missing = sorted(set(raw) - names), sorted({"d_k", "d_v"} - set(raw))
         if unknown or missing:
             what = f"unknown SAEConfig field {unknown[0]!r}" if unknown else f"missing SAEConfig field {missing[0]!r}"
             raise CheckpointError(f"{path / 'cfg.json'}: {what}")
-        with safe_open(str(path / "sae.safetensors"), "pt") as f:
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-            seed = int((f.metadata() or {}).get("seed", 0))
-        sae = cls(SAEConfig(**raw), seed=seed)
+        tensors, meta = load_safetensors(path / "sae.safetensors", metadata=True)
+        sae = cls(SAEConfig(**raw), seed=int(meta.get("seed", 0)))
         expected = {name: t.shape for name, t in sae.state_dict().items()}
         check_tensors(tensors, expected, where=f"{path / 'sae.safetensors'} vs its cfg.json")
         sae.load_state_dict(tensors, strict=True)

@@ -17,6 +17,7 @@ that file. Nothing here knows about any architecture.
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -26,6 +27,43 @@ WEIGHT_ORDER = ("*.safetensors", "pytorch_model*.bin", "*.pth")  # precedence, f
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read as asked: the message names the file or tensor."""
+
+
+# One reader per file format, used for every file the project reads back (checkpoints, SAEs, runs):
+# a missing, truncated or corrupt file is a CheckpointError of one line that names it.
+
+def read_json(path) -> dict:
+    """A JSON object from a file."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def load_safetensors(path, device="cpu", metadata=False):
+    """{name: tensor} of a .safetensors file (and its metadata dict when metadata=True)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), "pt", device=str(device)) as f:
+            tensors, meta = {name: f.get_tensor(name) for name in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {path}: {e} (truncated or corrupt?)") from None
+    return (tensors, meta) if metadata else tensors
+
+
+def load_pt(path, **kw):
+    """A torch.save / .bin / .pth file, weights_only=True: tensors and plain containers, no code."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, **kw)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} holds Python objects that torch.load(weights_only=True) "
+                              f"refuses to run: convert it to a state dict of tensors") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"cannot read {path}: {why} (truncated or corrupt?)") from None
 
 
 def split_repo_file(name: str) -> tuple[str, str | None]:
@@ -91,7 +129,7 @@ def resolve(name_or_path, revision=None, allow_patterns=None) -> Path:
 def read_config(path: Path) -> dict | None:
     """config.json of a checkpoint directory, or None when it has none (BlinkDL .pth releases)."""
     f = (path if path.is_dir() else path.parent) / "config.json"
-    return json.loads(f.read_text()) if f.exists() else None
+    return read_json(f) if f.exists() else None
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -100,7 +138,7 @@ def weight_files(path: Path) -> list[Path]:
         return [path]
     index = path / "model.safetensors.index.json"
     if index.exists():  # follow the weight_map, whatever the shards are called
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         missing = [s for s in shards if not (path / s).exists()]
         if missing:
             raise CheckpointError(f"{index} names shard {missing[0]!r}, which is not in {path}")
@@ -114,13 +152,12 @@ def weight_files(path: Path) -> list[Path]:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint, in their stored dtypes, on the CPU (memory-mapped where the format allows)."""
-    from safetensors.torch import load_file
     state = {}
     for f in weight_files(path):
         if f.suffix == ".safetensors":
-            part = load_file(str(f))
+            part = load_safetensors(f)
         else:  # .bin / .pth are zip pickles: weights_only refuses code, mmap avoids a second copy in RAM
-            part = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+            part = load_pt(f, mmap=True)
         dup = state.keys() & part.keys()
         if dup:
             raise CheckpointError(f"tensor {sorted(dup)[0]!r} appears in more than one file of {path}")
@@ -151,7 +188,10 @@ class Tokenizer:
     @classmethod
     def from_file(cls, file, eos_id=None):
         from tokenizers import Tokenizer as HFTokenizer
-        return cls(HFTokenizer.from_file(str(file)), eos_id)
+        try:
+            return cls(HFTokenizer.from_file(str(file)), eos_id)
+        except Exception as e:  # the tokenizers library raises a bare Exception on a bad file
+            raise CheckpointError(f"cannot read {file}: {e}") from None
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids

@@ -196,7 +196,7 @@ def test_ctrl_c_saves_and_exits_cleanly(gdn_dir, corpus, tmp_path):
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     step = torch.load(tmp_path / "last" / "train_state.pt", weights_only=True)["step"]
     assert f"stopped at step {step}/80000: saved" in out and step > 0
 
