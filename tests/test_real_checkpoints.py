@@ -99,6 +99,7 @@ def test_world_ids_past_the_vocabulary_never_stop_an_experiment(tmp_path):
     assert tok.decode([65531]) == "<id 65531>" and tok.decode(tok.encode("a b.\n")) == "a b.\n"
     blocks = torch.randint(WORLD, (4, 24), generator=torch.Generator().manual_seed(0))
     blocks[:, ::3] = tok.encode("\n")[0]
+    blocks[:, 2::3] = tok.encode(".")[0]  # amplify selects its features before '.'
     blocks[:, 1::5] = torch.arange(WORLD - 5, WORLD)  # 65531 .. 65535 in every block
     K, V = model.state_shape
     sae = writesae.WriteSAE(writesae.SAEConfig(d_k=K, d_v=V, n_feat=16, k=4, rank=2), seed=0)

@@ -236,7 +236,7 @@ def test_a_failed_or_interrupted_experiment_keeps_the_others(trained, tmp_path, 
 
 
 def test_eval_command_exits_nonzero_when_an_experiment_fails(trained, tmp_path, monkeypatch):
-    """The command line: the tiny corpus decodes without line breaks, so amplify (newline) fails."""
+    """The command line: the tiny corpus has no '.', so amplify (features selected before '.') fails."""
     out = tmp_path / "rep"
     monkeypatch.setattr(sys, "argv", ["eval.py", "--run", str(trained), *CPU, "--exp",
                                       "partition,amplify", "--out", str(out)])
@@ -245,7 +245,7 @@ def test_eval_command_exits_nonzero_when_an_experiment_fails(trained, tmp_path, 
     assert e.value.code == "eval.py: error: amplify failed (named in the report)"
     rep = json.loads((out / "report.json").read_text())
     assert rep["partition"]["alive"] > 0
-    assert rep["amplify"]["error"].startswith("ValueError: no newline token")
+    assert rep["amplify"]["error"].startswith("ValueError: no '.' token")
 
     def ctrl_c(*_, **__):
         raise KeyboardInterrupt
