@@ -43,13 +43,13 @@ def read_texts(paths) -> list[str]:
     for p in paths:
         if p == "demo":
             try:
-                from models.demo import demo_texts
+                from demo.build import demo_texts
             except ImportError:
-                raise ValueError("the demo corpus needs models/demo.py, which is not in this checkout; "
+                raise ValueError("the demo corpus needs demo/build.py, which is not in this checkout; "
                                  "pass your own text with --data FILE") from None
             try:
                 texts += demo_texts()
-            except RuntimeError as e:  # models.demo.CorpusUnavailable: its message names each registry's failure
+            except RuntimeError as e:  # demo.build.CorpusUnavailable: its message names each registry's failure
                 raise ValueError(str(e)) from None
             continue
         try:

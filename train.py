@@ -129,9 +129,9 @@ def parse_heads(spec: str, n_heads: int) -> list[int]:
 
 
 def default_site(name: str, model) -> tuple[int, int]:
-    """--layer / --head defaults: a demo model's own site (models/demo.py DEMO_SITES), else the middle write layer
+    """--layer / --head defaults: a demo model's own site (demo/build.py DEMO_SITES), else the middle write layer
     and head 0."""
-    from models.demo import DEMO_SITES
+    from demo.build import DEMO_SITES
     site = DEMO_SITES.get(name.removeprefix("demo/")) if name.startswith("demo/") else None
     return site or (model.write_layers[len(model.write_layers) // 2], 0)
 

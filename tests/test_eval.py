@@ -10,7 +10,8 @@ import torch
 
 import eval as ev
 import writesae
-from models import demo, load_model
+from demo import build as demo
+from models import load_model
 
 SMALL = {
     "gdn": dict(hidden_size=32, intermediate_size=48, head_dim=8, num_attention_heads=2, num_key_value_heads=1,
@@ -219,7 +220,7 @@ def test_cli_default_run_of_a_model(tmp_path, text, monkeypatch):
 def test_train_and_eval_on_the_demo_model(tmp_path, text):
     """The default model (the committed demo/gdn, at its own site) end to end at reduced sizes."""
     import train
-    from models.demo import DEMO_SITES
+    from demo.build import DEMO_SITES
     (tmp_path / "corpus.txt").write_text(text)
     run = tmp_path / "run"
     train.main(["--data", str(tmp_path / "corpus.txt"), "--seq-len", "64", "--n-seqs", "20", "--epochs", "2",
