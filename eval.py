@@ -119,21 +119,6 @@ def paired_summary(base, cond, n_boot=5000, seed=0):
 
 # ==== The site: model, layer, head, SAE; one unedited scan per held-out block ====
 
-FINAL_NORM = {"qwen35": "model.norm", "mamba2": "backbone.norm_f", "rwkv7": "model.norm"}  # feeds the unembedding
-HEAD_NORM_EPS = {"qwen35": lambda c: c.rms_norm_eps, "rwkv7": lambda c: c.head_dim * c.norm_eps}
-READ_PATH = {
-    "qwen35": "GDN: read o = Sᵀq̃ (q̃ = l2(q)/√K); gain = w ⊙ silu(z)/rms(o) (gated RMSNorm, norm then gate); "
-              "out_proj. Transport α(I − βk̂k̂ᵀ): the delta-rule erase is what the no-fit G = Πα drops; 'exact' "
-              "also uses the gated RMSNorm's full local Jacobian.",
-    "mamba2": "Mamba-2: read y = SᵀC_t + D x_t — the D skip does not see the state, so it cancels in Δℓ; gain = "
-              "w ⊙ silu(z)/rms(y ⊙ silu(z)) (gate, then norm); out_proj. Transport exp(ΔA) is a scalar: G is exact, "
-              "but 'exact' keeps the norm's diagonal gain (its input y + D x needs x, which the writes lack).",
-    "rwkv7": "RWKV-7: read o = Sᵀr_t (no scaling); gain = γ/σ ⊙ g (per-head GroupNorm, then the output gate); o_proj. "
-             "The bonus (r·k̃·r_k)v bypasses state and norm, so it cancels. G = Π diag(w_s) per key channel; the "
-             "exact transport adds the rank-1 erase b(aᵀ·) and needs writes['a'] (absent: 'exact' only at h = 0); "
-             "'exact' also uses the GroupNorm's full local Jacobian (centring and σ).",
-}
-
 @dataclasses.dataclass
 class Site:
     model: torch.nn.Module
@@ -164,7 +149,7 @@ def scan(site, ids):
     """One unedited forward of a block ids [T]: the head's writes (time first, head axis removed), ‖S_t‖_F, the
     read S_tᵀq_t [T,V], the SAE codes [T,n], and the final norm's local Jacobian at every position (diagonal gain
     fgain [T,D] times the projection I − proj projᵀ, minus the mean for a LayerNorm)."""
-    fn, xs = site.model.get_submodule(FINAL_NORM[site.model.arch]), []
+    fn, xs = site.model.final_norm, []
     hook = fn.register_forward_pre_hook(lambda m, a: xs.append(a[0].float()))
     try:
         out = site.model(ids[None], capture=Capture((site.layer,), (site.head,), states=True))
@@ -311,7 +296,7 @@ def exp_closed(site, blocks, scans, args):
     the layers after the site (the direct path); at h = 0 that is all 'exact' leaves out."""
     scale = torch.cat([sc["S_norm"] for sc in scans]).median().item()        # ε is in units of the median ‖S_t‖_F
     gen, hs, E, T = seeded(args, 1), args.cf_h, torch.tensor(args.eps) * scale, blocks.shape[1]
-    eps = HEAD_NORM_EPS.get(site.model.arch, lambda c: 0.0)(site.model.config)
+    eps = site.model.head_norm_eps
     dom = torch.cat([sc["codes"].argmax(-1)[sc["codes"].amax(-1) > 0] for sc in scans])
     counts = torch.bincount(dom.cpu(), minlength=site.dec_k.shape[0])
     atoms = counts.topk(min(args.cf_atoms, int((counts > 0).sum()))).indices.to(site.dec_k.device)
@@ -327,7 +312,7 @@ def exp_closed(site, blocks, scans, args):
     for b, t0, logits in branches(site, blocks, points, rows_fn, Hmax, "closed form"):
         d = (logits[1:] - logits[:1]).float().view(A, n_e, Hmax + 1, -1)[:, :, hs]  # [A,E,Hn,vocab]
         meas.append(torch.stack([d[a][..., toks[a]] for a in range(A)]))      # [A,E,Hn,n_tok]
-        p, x = shift_predictions(site.model.arch, dk, dv, scans[b]["w"], t0, hs,
+        p, x = shift_predictions(site.model, dk, dv, scans[b]["w"], t0, hs,
                                  lambda s: unembed(site, scans[b], s, toks), scans[b]["read"], site.W_O, eps)
         pred.append(p), exact.append(x)                                       # [A,Hn,n_tok]  per unit ε
     y = torch.stack(meas).cpu().double()                                      # [P,A,E,Hn,n_tok]
@@ -613,14 +598,14 @@ def headline(res, arch):
         rows.append((f"atoms with median cos ≥ τ = {p['tau']}", f"{p['above_tau']} / {p['alive']}", p["alive"], "", ""))
     return rows
 
-def write_report(out, res, meta):
+def write_report(out, res, meta, read_path=""):
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps({"meta": meta, **res}, indent=1, default=float) + "\n")
     L = [f"# WriteSAE evaluation: {meta['model']} layer {meta['layer']} head {meta['head']}", "",
          "| quantity | ours | n | 95% CI | paper (n) |", "|---|---|---|---|---|"]
     L += [f"| {q} | {v} | {n} | {c} | {p} |" for q, v, n, c, p in headline(res, meta["arch"])]
     L += ["", "## Setup", ""] + [f"- {k}: {v}" for k, v in meta.items()]
-    L += ["", "## Read path and closed form for this architecture", "", READ_PATH[meta["arch"]], "",
+    L += ["", "## Read path and closed form for this architecture", "", read_path, "",
           "## Deviations from the paper's protocol", ""] + [f"- {d}" for d in DEVIATIONS]
     for name, r in res.items():
         L += ["", f"## {name}", "", "```json", json.dumps(r, indent=1, default=float), "```"]
@@ -714,7 +699,7 @@ def main(argv=None):
             "data": f"{len(blocks)} held-out blocks × {blocks.shape[1]} tokens of {cfg['args'].get('data')}",
             "seed": args.seed, "args": vars(args) | {"run": str(run)}}
     out = Path(args.out) if args.out else run / "eval"
-    write_report(out, res, meta)
+    write_report(out, res, meta, model.READ_PATH)
     print((out / "report.md").read_text().split("\n## Setup")[0])
     return res
 

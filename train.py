@@ -129,8 +129,8 @@ def parse_heads(spec: str, n_heads: int) -> list[int]:
 
 
 def default_site(name: str, model) -> tuple[int, int]:
-    """--layer / --head defaults: a demo model's own site (demo/build.py DEMO_SITES), else the middle write layer
-    and head 0."""
+    """--layer / --head defaults: a demo model's own site (demo/build.py DEMO_SITES), else the
+    middle write layer and head 0."""
     from demo.build import DEMO_SITES
     site = DEMO_SITES.get(name.removeprefix("demo/")) if name.startswith("demo/") else None
     return site or (model.write_layers[len(model.write_layers) // 2], 0)
@@ -291,7 +291,7 @@ def run(args):
     # ---- SAE, optimiser, loaders ----
     n_feat = args.n_feat or min(2048, 2 * K * V)
     cfg = writesae.SAEConfig(
-        d_k=K, d_v=V, variant=args.variant, rank=args.rank or (2 if arch == "rwkv7" else 1), n_feat=n_feat,
+        d_k=K, d_v=V, variant=args.variant, rank=args.rank or model.sae_rank, n_feat=n_feat,
         k=args.k or min(32, max(1, n_feat // 16)), tied=args.tied, batch_topk=args.batch_topk, k_aux=args.k_aux,
         lambda_aux=args.lambda_aux, dead_after=args.dead_after, renorm_every=args.renorm_every,
         resample_every=args.resample_every, n_sae=len(heads), lr=args.lr, lr_end=args.lr_end, warmup=args.warmup)

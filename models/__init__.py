@@ -4,8 +4,8 @@ Dispatch is on the checkpoint's config.json (or its absence):
   model_type qwen3_5 / qwen3_5_text          -> models.qwen35   (Qwen3.5 Gated DeltaNet hybrid)
   model_type mamba2, or a raw mamba_ssm config -> models.mamba2   (d_model / n_layer / ssm_cfg, no model_type)
   model_type rwkv7, or no config and a .pth   -> models.rwkv7    (fla safetensors / BlinkDL state dict)
-"demo/gdn", "demo/mamba2", "demo/rwkv7" name the small pretrained models committed with the project in
-demo/<name> (built by demo/build.py).
+"demo/gdn", "demo/mamba2", "demo/rwkv7" name the small pretrained models committed with the
+project in demo/<name> (built by demo/build.py).
 """
 
 import importlib
@@ -16,8 +16,8 @@ import torch
 from . import hub
 from .common import Capture, Cache, Edit, Output, WriteModel, rebuild_states  # noqa: F401  (the public API)
 
-__all__ = ["load_model", "detect_arch", "demo_path", "Capture", "Cache", "Edit", "Output", "WriteModel",
-           "rebuild_states"]
+__all__ = ["load_model", "detect_arch", "demo_path", "Capture", "Cache", "Edit", "Output",
+           "WriteModel", "rebuild_states"]
 
 ARCHS = {"qwen35": "Qwen3.5 (Gated DeltaNet)", "mamba2": "Mamba-2", "rwkv7": "RWKV-7"}
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"   # the committed demo checkpoints

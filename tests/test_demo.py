@@ -1,6 +1,6 @@
-"""demo/build.py: registry text (offline error, R data reader, .deb extraction, Gutenberg stripping), the BPE
-tokenizer, and pretraining of a tiny model of each architecture. Nothing here touches the network: the offline
-test points pip and apt at a closed port."""
+"""demo/build.py: registry text (offline error, R data reader, .deb extraction, Gutenberg
+stripping), the BPE tokenizer, and pretraining of a tiny model of each architecture. Nothing here
+touches the network: the offline test points pip and apt at a closed port."""
 
 import gzip
 import importlib.util

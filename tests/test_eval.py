@@ -183,9 +183,10 @@ def test_every_experiment_end_to_end(tiny, tmp_path):
     same = lambda r: json.dumps(r, sort_keys=True, default=float)  # noqa: E731  (NaN-safe equality)
     assert same(res) == same(ev.evaluate(site, ids, args))  # deterministic for a seed
     ev.write_report(tmp_path, res, {"model": "tiny", "arch": site.model.arch, "layer": site.layer,
-                                    "head": site.head})
+                                    "head": site.head}, site.model.READ_PATH)
     md = (tmp_path / "report.md").read_text()
     assert "| substitution win (all firings) |" in md and "| closed-form R² (ols" in md
+    assert site.model.READ_PATH and site.model.READ_PATH in md
     assert json.loads((tmp_path / "report.json").read_text())["meta"]["arch"] == site.model.arch
 
 
