@@ -249,6 +249,7 @@ def run(args):
     for h in heads:
         model.check_site(layer, h)
     arch, write, K, V = model.arch, args.write or model.default_write, *model.state_shape
+    rank_default = model.sae_rank                                     # the model is freed below
     out = Path(args.out) if args.out else default_out(args.model, layer, heads, model.n_heads)
     for name in ("last", "best"):  # finish a swap a crash interrupted
         if not (out / name).exists() and (out / f"{name}.old").exists():
@@ -291,7 +292,7 @@ def run(args):
     # ---- SAE, optimiser, loaders ----
     n_feat = args.n_feat or min(2048, 2 * K * V)
     cfg = writesae.SAEConfig(
-        d_k=K, d_v=V, variant=args.variant, rank=args.rank or model.sae_rank, n_feat=n_feat,
+        d_k=K, d_v=V, variant=args.variant, rank=args.rank or rank_default, n_feat=n_feat,
         k=args.k or min(32, max(1, n_feat // 16)), tied=args.tied, batch_topk=args.batch_topk, k_aux=args.k_aux,
         lambda_aux=args.lambda_aux, dead_after=args.dead_after, renorm_every=args.renorm_every,
         resample_every=args.resample_every, n_sae=len(heads), lr=args.lr, lr_end=args.lr_end, warmup=args.warmup)
