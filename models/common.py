@@ -226,8 +226,7 @@ def rms_norm_jacobian(o, v, eps):
 
 
 # --------------------------------------------------------------------------------------------------------
-# The model-level forward, written once: embedding -> layers (cache, edits, capture) -> final norm
-# -> logits
+# The model-level forward, written once: embedding -> layers -> final norm -> logits
 
 IMPLS = ("chunked", "recurrent")
 
@@ -272,7 +271,7 @@ class WriteModel(torch.nn.Module):
         t0, keep = (0, use_cache) if cache is None else (cache.pos, True)
         stop = None
         if capture is not None and capture.stop_after and capture.layers:
-            stop = max(capture.layers)                                        # no logits needed
+            stop = max(capture.layers)                        # the forward ends there: no logits
         h, shared = self.embed(ids, t0)                                       # [B,T,D]
         layers, captures = [], {}
         for i, layer in enumerate(self.blocks):
