@@ -386,7 +386,7 @@ def bench_eval(device="cpu", reps=5, n_firings=12, T=256):
     with that row's edit. Same firings, same substitutes, the demo GDN architecture at random init."""
     import eval as ev
     import writesae
-    from models import demo
+    from demo import build as demo
     model = demo.build_model("gdn", 4096).to(device).eval()
     K, V = model.state_shape
     sae = writesae.WriteSAE(writesae.SAEConfig(d_k=K, d_v=V, n_feat=2048, k=32), seed=0).to(device)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from models.common import Capture
+from models.common import Capture, walk_states
 
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FACTORS = ("inc_k", "inc_v", "log_decay")
@@ -55,13 +55,13 @@ def read_texts(paths, chunk=1 << 20):
 
 def demo_corpus() -> list[str]:
     try:
-        from models.demo import demo_texts
+        from demo.build import demo_texts
     except ImportError:
-        raise ValueError("the demo corpus needs models/demo.py, which is not in this checkout; "
+        raise ValueError("the demo corpus needs demo/build.py, which is not in this checkout; "
                          "pass your own text with --data FILE") from None
     try:
         return demo_texts()
-    except RuntimeError as e:  # models.demo.CorpusUnavailable: names each registry's failure
+    except RuntimeError as e:  # demo.build.CorpusUnavailable: names each registry's failure
         raise ValueError(str(e)) from None
 
 
@@ -227,19 +227,13 @@ def extract(model, blocks, layer, heads, root, dtype="float16", batch=8, rank=0,
 # 3. States from the store: the recurrence, then batches of states at sampled positions
 
 def recurrence(inc_k, inc_v, log_decay, T=None):
-    """Yields (t, S_t [B,h,K,V]) for t < T, fp32 whatever the store dtype; the loop of models.common.rebuild_states.
-    S_t is updated in place (two kernels a step): copy what you keep.
+    """Yields (t, S_t [B,h,K,V]) for t < T, fp32 whatever the store dtype: the models' own state
+    rebuild (models.common.walk_states) from the stored log-decay. S_t is updated in place: copy
+    what you keep.
+    you keep.
 
     inc_k [B,T,h,r,K], inc_v [B,T,h,r,V], log_decay [B,T,h,Kd], all on the device the states should be on."""
-    B, T_all, h, r, K = inc_k.shape
-    V = inc_v.shape[-1]
-    k = inc_k.float().permute(1, 0, 2, 4, 3).reshape(T_all, B * h, K, r)                   # [T,B·h,K,r]
-    v = inc_v.float().transpose(0, 1).reshape(T_all, B * h, r, V)                          # [T,B·h,r,V]
-    a = log_decay.float().exp().transpose(0, 1).reshape(T_all, B * h, -1, 1)               # [T,B·h,Kd,1]
-    S = inc_k.new_zeros(B * h, K, V, dtype=torch.float32)                                 # [B·h,K,V]
-    for t in range(T_all if T is None else T):
-        S.mul_(a[t]).baddbmm_(k[t], v[t])              # S_t = decay_t ⊙ S_{t−1} + Σ_r inc_k[r] inc_v[r]ᵀ
-        yield t, S.view(B, h, K, V)
+    return walk_states(inc_k, inc_v, log_decay.float().exp(), T=T)
 
 
 def states_at(inc_k, inc_v, log_decay, pos):

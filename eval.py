@@ -151,21 +151,6 @@ def paired_summary(base, cond, n_boot=5000, seed=0):
 
 # ==== The site: model, layer, head, SAE; one unedited scan per held-out block ====
 
-FINAL_NORM = {"qwen35": "model.norm", "mamba2": "backbone.norm_f", "rwkv7": "model.norm"}  # feeds the unembedding
-HEAD_NORM_EPS = {"qwen35": lambda c: c.rms_norm_eps, "rwkv7": lambda c: c.head_dim * c.norm_eps}
-READ_PATH = {
-    "qwen35": "GDN: read o = Sᵀq̃ (q̃ = l2(q)/√K); gain = w ⊙ silu(z)/rms(o) (gated RMSNorm, norm then gate); "
-              "out_proj. Transport α(I − βk̂k̂ᵀ): the delta-rule erase is what the no-fit G = Πα drops; 'exact' "
-              "also uses the gated RMSNorm's full local Jacobian.",
-    "mamba2": "Mamba-2: read y = SᵀC_t + D x_t — the D skip does not see the state, so it cancels in Δℓ; gain = "
-              "w ⊙ silu(z)/rms(y ⊙ silu(z)) (gate, then norm); out_proj. Transport exp(ΔA) is a scalar: G is exact, "
-              "but 'exact' keeps the norm's diagonal gain (its input y + D x needs x, which the writes lack).",
-    "rwkv7": "RWKV-7: read o = Sᵀr_t (no scaling); gain = γ/σ ⊙ g (per-head GroupNorm, then the output gate); o_proj. "
-             "The bonus (r·k̃·r_k)v bypasses state and norm, so it cancels. G = Π diag(w_s) per key channel; the "
-             "exact transport adds the rank-1 erase b(aᵀ·) and needs writes['a'] (absent: 'exact' only at h = 0); "
-             "'exact' also uses the GroupNorm's full local Jacobian (centring and σ).",
-}
-
 @dataclasses.dataclass
 class Site:
     model: torch.nn.Module
@@ -196,7 +181,7 @@ def scan(site, ids):
     """One unedited forward of a block ids [T]: the head's writes (time first, head axis removed), ‖S_t‖_F, the
     read S_tᵀq_t [T,V], the SAE codes [T,n], and the final norm's local Jacobian at every position (diagonal gain
     fgain [T,D] times the projection I − proj projᵀ, minus the mean for a LayerNorm)."""
-    fn, xs = site.model.get_submodule(FINAL_NORM[site.model.arch]), []
+    fn, xs = site.model.final_norm, []
     hook = fn.register_forward_pre_hook(lambda m, a: xs.append(a[0].float()))
     try:
         out = site.model(ids[None], capture=Capture((site.layer,), (site.head,), states=True))
@@ -568,7 +553,7 @@ def exp_closed(site, blocks, scans, args):
     scale = torch.cat([sc["S_norm"] for sc in scans]).median().item()
     gen, hs, T, na = seeded(args, 1), args.cf_h, blocks.shape[1], len(args.eps)
     E = torch.tensor(args.eps + [e * scale for e in args.eps_rel], dtype=F64)  # [E] absolute ε
-    eps = HEAD_NORM_EPS.get(site.model.arch, lambda c: 0.0)(site.model.config)
+    eps = site.model.head_norm_eps
     dom = torch.cat([sc["codes"].argmax(-1)[sc["codes"].amax(-1) > 0] for sc in scans])
     counts = torch.bincount(dom.cpu(), minlength=site.dec_k.shape[0])
     atoms = counts.topk(min(args.cf_atoms, int((counts > 0).sum()))).indices.to(site.dec_k.device)
@@ -586,7 +571,7 @@ def exp_closed(site, blocks, scans, args):
         d = (logits[1:] - logits[:1]).float().view(A, n_e, Hmax + 1, -1)[:, :, hs]  # [A,E,Hn,vocab]
         meas.append(torch.stack([d[a][..., toks[a]] for a in range(A)]))      # [A,E,Hn,n_tok]
         w = scans[b]["w"]
-        g, x = shift_predictions(site.model.arch, dk, dv, w, t0, hs,
+        g, x = shift_predictions(site.model, dk, dv, w, t0, hs,
                                  lambda s: unembed(site, scans[b], s, toks), scans[b]["read"],
                                  site.W_O, eps)
         e1 = eq1_predictions(dk, dv, w, t0, hs, site.W_O, site.W_U[toks])
@@ -744,7 +729,7 @@ def exp_sign(site, blocks, scans, args):
                for p in pts}
     kv = lambda b, s: install_factors(  # noqa: E731
         scans[b]["w"], s, install_direction(site.W_O, site.W_U[targets[b, s]]))
-    eps = HEAD_NORM_EPS.get(site.model.arch, lambda c: 0.0)(site.model.config)
+    eps = site.model.head_norm_eps
 
     def rows_fn(b, s):  # the base row, then one row per target: k [1,K] ⊗ v*_T [1,V]
         k, v = kv(b, s)
@@ -757,7 +742,7 @@ def exp_sign(site, blocks, scans, args):
         hit = lg[1:].gather(-1, Tk[:, None, None].expand(-1, 2, 1))[..., 0]  # [n_tok,2]
         meas.append((hit - lg[0][:, Tk].T).cpu())
         key, val = k.expand(n_tok, 1, -1), v[:, None]               # [n_tok,1,K], [n_tok,1,V]
-        g, x = shift_predictions(site.model.arch, key, val, w, s, [0, 1],
+        g, x = shift_predictions(site.model, key, val, w, s, [0, 1],
                                  lambda t: unembed(site, scans[b], t, Tk)[:, None],
                                  scans[b]["read"], site.W_O, eps)
         e1 = eq1_predictions(key, val, w, s, [0, 1], site.W_O, site.W_U[Tk][:, None])
@@ -1176,7 +1161,7 @@ def headline(res, arch):
                          f"{q['above_tau']} / {q['alive']}", q["alive"], "", ""))
     return rows
 
-def write_report(out, res, meta):
+def write_report(out, res, meta, read_path=""):
     """report.json and report.md from the results so far (each written beside, then renamed into
     place); an experiment that failed ({"error": ...}) is listed under the table."""
     def write(name, text):
@@ -1191,7 +1176,7 @@ def write_report(out, res, meta):
     if failed := [f"- {k}: {r['error']}" for k, r in res.items() if "error" in r]:
         L += ["", "Failed experiments:", ""] + failed
     L += ["", "## Setup", ""] + [f"- {k}: {v}" for k, v in meta.items()]
-    L += ["", "## Read path and closed form for this architecture", "", READ_PATH[meta["arch"]], "",
+    L += ["", "## Read path and closed form for this architecture", "", read_path, "",
           "## Deviations from the paper's protocol", ""] + [f"- {d}" for d in DEVIATIONS]
     for name, r in res.items():  # the per-point lists (figures, cards) stay in report.json
         r = {k: v for k, v in r.items() if k != "points"} if name != "atoms" else "in report.json"
@@ -1364,7 +1349,7 @@ def main(argv=None):
             "seed": args.seed, "run": str(run.resolve()), "args": vars(args) | {"run": str(run)}}
     out = Path(args.out) if args.out else run / "eval"
     check_report(out, meta)
-    res = evaluate(site, blocks, args, done=lambda res: write_report(out, res, meta))
+    res = evaluate(site, blocks, args, done=lambda res: write_report(out, res, meta, model.READ_PATH))
     print((out / "report.md").read_text().split("\n## Setup")[0])
     return res
 

@@ -186,9 +186,9 @@ def parse_heads(spec: str, n_heads: int) -> list[int]:
 
 
 def default_site(name: str, model) -> tuple[int, int]:
-    """--layer / --head defaults: a demo model's own site (models/demo.py DEMO_SITES), else the middle write layer
-    and head 0."""
-    from models.demo import DEMO_SITES
+    """--layer / --head defaults: a demo model's own site (demo/build.py DEMO_SITES), else the
+    middle write layer and head 0."""
+    from demo.build import DEMO_SITES
     site = DEMO_SITES.get(name.removeprefix("demo/")) if name.startswith("demo/") else None
     return site or (model.write_layers[len(model.write_layers) // 2], 0)
 
@@ -401,6 +401,7 @@ def run(args):
         model.check_site(layer, h)
     arch, K, V = model.arch, *model.state_shape
     write = model.default_write if args.write is None else args.write
+    rank_default = model.sae_rank                                     # the model is freed below
     out = Path(args.out) if args.out else default_out(args.model, layer, heads, model.n_heads)
     if rank == 0:
         recover(out)
@@ -441,7 +442,7 @@ def run(args):
     n_feat = min(2048, 2 * K * V) if args.n_feat is None else args.n_feat
     cfg = writesae.SAEConfig(
         d_k=K, d_v=V, variant=args.variant, n_feat=n_feat,
-        rank=(2 if arch == "rwkv7" else 1) if args.rank is None else args.rank,
+        rank=rank_default if args.rank is None else args.rank,
         k=min(32, max(1, n_feat // 16)) if args.k is None else args.k,
         tied=args.tied, batch_topk=args.batch_topk, k_aux=args.k_aux,
         lambda_aux=args.lambda_aux, dead_after=args.dead_after, renorm_every=args.renorm_every,

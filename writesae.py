@@ -460,37 +460,6 @@ def substitution_factors(dec_k, dec_v, code, nat_k, nat_v, gen):
             "atom_matched": (dk * n_nat / n_unit, dv), "random_matched": (rk * n_nat / n_rand, rv)}
 
 
-def transport_key(arch, key, w):
-    """One step of the exact in-layer transport of a perturbation's key factor: δS_s = M_s δS_{s−1} acts on the
-    key side only (the inputs at s do not depend on this layer's state), so key ← M_s key, value unchanged.
-
-    key [..,r,K]; w the writes at s (head axis removed, no time axis). GDN: M = α (I − β k̂ k̂ᵀ) (the delta-rule
-    erase); Mamba-2: M = exp(Δ A) (a scalar decay, exact); RWKV-7: M = diag(w) + b aᵀ (the rank-1 erase; needs
-    writes["a"], and b is the increment's second key factor). None when the writes lack what M needs."""
-    d = w["decay"][..., None, :]                                              # [..,1,Kd]
-    if arch == "qwen35":
-        k = w["add_k"][..., :1, :]                                            # [..,1,K] unit key
-        return d * (key - w["beta"][..., None, None] * (key * k).sum(-1, keepdim=True) * k)
-    if arch == "rwkv7":
-        if "a" not in w:
-            return None
-        return d * key + (key * w["a"][..., None, :]).sum(-1, keepdim=True) * w["inc_k"][..., 1:2, :]
-    return d * key
-
-
-def norm_jacobian(arch, o, v, eps):
-    """The head norm's exact local Jacobian at the read o [..,V], divided by its diagonal gain, applied to value
-    factors v [..,r,V]: GDN (RMSNorm, eps): v − ô⟨ô, v⟩ with ô = o / √(V (mean o² + eps)); RWKV-7 (GroupNorm):
-    the same on the centred o and v; Mamba-2: v unchanged (its norm sees y ⊙ silu(z) with y = SᵀC + D x, and x is
-    not in the writes, so the diagonal gain is all we have)."""
-    if arch == "mamba2":
-        return v
-    if arch == "rwkv7":
-        o, v = o - o.mean(-1, keepdim=True), v - v.mean(-1, keepdim=True)
-    o = (o * torch.rsqrt(o.shape[-1] * (o.pow(2).mean(-1, keepdim=True) + eps)))[..., None, :]  # [..,1,V]
-    return v - (v * o).sum(-1, keepdim=True) * o
-
-
 def logit_shift_prediction(eps, key, q, gain, dec_v, W_O, W_U_tok):
     """Eq. (1) in our orientation: Δℓ_tok ≈ ε Σ_r ⟨key_r, q̃_t⟩ ⟨W_O[h](g_t ⊙ dec_v_r), W_U[tok]⟩.
 
@@ -507,22 +476,26 @@ def install_direction(W_O, W_U_T):
     return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)
 
 
-def shift_predictions(arch, dk, dv, w, t0, hs, unembed, read, W_O, eps):
+def shift_predictions(model, dk, dv, w, t0, hs, unembed, read, W_O, eps):
     """Eq. (1) per unit ε at t0 + h (h in hs) for dk ⊗ dv [A,r,K], [A,r,V] added to S_{t0}: 'nofit' carries the key
-    by G = Π decay (no erase term) through the head norm's diagonal gain; 'exact' by transport_key and the head
-    norm's exact local Jacobian (NaN where the writes lack what the transport needs). w the writes [T,..];
+    by G = Π decay (no erase term) through the head norm's diagonal gain; 'exact' by
+    model.transport_key (the exact in-layer transport δS_s = M_s δS_{s−1}: the inputs at s do not
+    depend on this layer's state, so M_s acts on the key side only) and the head norm's exact local
+    Jacobian, model.norm_jacobian (NaN where the writes lack what the transport needs).
+    w the writes [T,..];
     unembed(s) -> W_U rows through the final norm at s [A,n_tok,D]; read [T,V] the unedited reads.  -> 2 × [A,Hn,n_tok]"""
     key_g, key_x, P, X = dk.clone(), dk.clone(), [], []
     for s in range(t0, t0 + max(hs) + 1):
         if s > t0:
             w_s = {n: x[s] for n, x in w.items()}
             key_g = w_s["decay"][None, None] * key_g
-            key_x = None if key_x is None else transport_key(arch, key_x, w_s)
+            key_x = None if key_x is None else model.transport_key(key_x, w_s)
         if s - t0 in hs:
             U = unembed(s)
             P.append(logit_shift_prediction(1.0, key_g, w["query"][s], w["gain"][s], dv, W_O, U))
             X.append(torch.full_like(P[-1], float("nan")) if key_x is None else logit_shift_prediction(
-                1.0, key_x, w["query"][s], w["gain"][s], norm_jacobian(arch, read[s], dv, eps), W_O, U))
+                1.0, key_x, w["query"][s], w["gain"][s], model.norm_jacobian(read[s], dv, eps),
+                W_O, U))
     return torch.stack(P, 1), torch.stack(X, 1)
 
 

@@ -1,4 +1,5 @@
-"""What the three architectures share: the write record, edits, the decode cache, generate().
+"""What the three architectures share: the write record, edits, the decode cache, the token loop
+`recurrent`, the state rebuild, the model-level forward (WriteModel) and generate().
 
 Glossary (one convention for the whole project, DESIGN.md §2)
   B, T, H, K, V  batch, time, state heads, key dim, value dim; r = rank of a write
@@ -7,8 +8,8 @@ Glossary (one convention for the whole project, DESIGN.md §2)
   increment      S_t − D_t ⊙ S_{t−1} = Σ_r inc_k[r] inc_v[r]ᵀ : with the decay it rebuilds every state
   additive write the paper's native write (GDN β_t k_t v_tᵀ, Mamba-2 B_t (Δ_t x_t)ᵀ, RWKV-7 k̃_t v_tᵀ)
 
-A layer's scan (`chunked` or `recurrent` in each model file) returns `(out, final_state, writes)` where
-`writes` is a dict of tensors with time on dim 1:
+A layer's scan (`chunked` in each model file, or `recurrent`: this file's loop over the model's
+`step`) returns `(out, final_state, writes)` where `writes` is a dict of tensors with time on dim 1:
   add_k [B,T,H,r,K], add_v [B,T,H,r,V]   the additive write, as factors
   inc_k [B,T,H,r,K], inc_v [B,T,H,r,V]   the increment, as factors
   decay [B,T,H,Kd]                        the decay applied to S_{t−1}
@@ -167,38 +168,140 @@ def scan_with_edits(chunked, step, inputs: dict, state, edits, t0: int, default_
     return torch.cat(outs, dim=1), state, cat_time(parts)
 
 
-def rebuild_states(inc_k, inc_v, decay, initial_state=None):
-    """S_t = decay_t ⊙ S_{t−1} + Σ_r inc_k inc_vᵀ for every t, in fp32: the states from stored factors.
+def recurrent(step, inputs: dict, state=None, keep_states=False, **kw):
+    """The token loop over an architecture's `step`: the naive path, the reference for the rest.
 
-    inc_k [B,T,H,r,K], inc_v [B,T,H,r,V], decay [B,T,H,Kd] -> states [B,T,H,K,V]
-    """
-    B, T, H, r, K = inc_k.shape
-    S = inc_k.new_zeros(B, H, K, inc_v.shape[-1], dtype=torch.float32) if initial_state is None \
-        else initial_state.float()
-    states = []
+    inputs {name: [B,T,...]}; step(state, inputs_t, **kw) -> (state, out_t, writes_t).
+    Returns (out [B,T,...], final state [B,H,K,V], writes with time on dim 1, plus
+    states [B,T,H,K,V] with keep_states)."""
+    T = next(iter(inputs.values())).shape[1]
+    outs, parts, states = [], [], []
     for t in range(T):
-        S = decay[:, t, :, :, None].float() * S + outer(inc_k[:, t].float(), inc_v[:, t].float())
-        states.append(S)
-    return torch.stack(states, dim=1)
+        state, o, w = step(state, {n: x[:, t] for n, x in inputs.items()}, **kw)
+        outs.append(o)
+        parts.append(w)
+        states.append(state)
+    writes = {n: torch.stack([w[n] for w in parts], dim=1) for n in parts[0]}
+    if keep_states:
+        writes["states"] = torch.stack(states, dim=1)                          # [B,T,H,K,V]
+    return torch.stack(outs, dim=1), state, writes
+
+
+def walk_states(inc_k, inc_v, decay, initial_state=None, T=None):
+    """Yields (t, S_t [B,H,K,V]) for t < T (default all), the states rebuilt from their factors:
+    S_t = decay_t ⊙ S_{t−1} + Σ_r inc_k inc_vᵀ in fp32. S_t is updated in place (two kernels a
+    step): copy what you keep.
+
+    inc_k [B,T,H,r,K], inc_v [B,T,H,r,V], decay [B,T,H,Kd], on the device the states go to."""
+    B, T_all, H, r, K = inc_k.shape
+    V = inc_v.shape[-1]
+    k = inc_k.float().permute(1, 0, 2, 4, 3).reshape(T_all, B * H, K, r)       # [T,B·H,K,r]
+    v = inc_v.float().transpose(0, 1).reshape(T_all, B * H, r, V)              # [T,B·H,r,V]
+    a = decay.float().transpose(0, 1).reshape(T_all, B * H, -1, 1)             # [T,B·H,Kd,1]
+    if initial_state is None:
+        S = inc_k.new_zeros(B * H, K, V, dtype=torch.float32)                  # [B·H,K,V]
+    else:  # a copy: the walk updates S in place and the caller's state may be a cache's
+        S = initial_state.float().reshape(B * H, K, V).clone()
+    for t in range(T_all if T is None else T):
+        S.mul_(a[t]).baddbmm_(k[t], v[t])      # S_t = decay_t ⊙ S_{t−1} + Σ_r inc_k[r] inc_v[r]ᵀ
+        yield t, S.view(B, H, K, V)
+
+
+def rebuild_states(inc_k, inc_v, decay, initial_state=None):
+    """Every state of walk_states kept: inc_k [B,T,H,r,K], inc_v [B,T,H,r,V], decay [B,T,H,Kd]
+    -> states [B,T,H,K,V] fp32 (no autograd through it: the walk is in place)."""
+    B, T, H, _, K = inc_k.shape
+    out = inc_k.new_empty(B, T, H, K, inc_v.shape[-1], dtype=torch.float32)
+    for t, S in walk_states(inc_k, inc_v, decay, initial_state):
+        out[:, t] = S
+    return out
+
+
+def rms_norm_jacobian(o, v, eps):
+    """An RMS norm's exact local Jacobian at o [..,V], divided by its diagonal gain, applied to
+    value factors v [..,r,V]: v − ô⟨ô, v⟩ with ô = o / √(V (mean o² + eps)).  -> [..,r,V]"""
+    ms = o.pow(2).mean(-1, keepdim=True) + eps                                # [..,1]
+    o = (o * torch.rsqrt(o.shape[-1] * ms))[..., None, :]                     # [..,1,V]  ô
+    return v - (v * o).sum(-1, keepdim=True) * o
 
 
 # --------------------------------------------------------------------------------------------------------
-# The shared model surface: site checks, generate()
+# The model-level forward, written once: embedding -> layers -> final norm -> logits
+
+IMPLS = ("chunked", "recurrent")
+
 
 class WriteModel(torch.nn.Module):
-    """Base of the three model classes. Subclasses set:
-      arch          "qwen35" | "mamba2" | "rwkv7"
+    """Base of the three model classes: the layer loop, the checks, generate(). Subclasses set
+      arch          "qwen35" | "mamba2" | "rwkv7" (the loader's name)
       write_layers  the layers that have a matrix state (GDN layers for Qwen3.5; all layers otherwise)
       n_heads       state heads per write layer;  state_shape (K, V)
       write_rank    {"additive": r, "increment": r};  default_write "additive" | "increment"
       layer_kind    a word for the error message, e.g. "Gated DeltaNet"
-    and implement forward(ids, cache=None, use_cache=False, edits=(), capture=None, impl="chunked", logits="all")
-    -> Output.
+      state_key     the name of a write layer's state S in its cache entry
+      READ_PATH     a paragraph for the report: the read, the head norm, what the closed form
+                    leaves out
+    and provide
+      embed(ids, t0) -> (h [B,T,D], shared): the residual stream and what every layer reads (a
+                    dict the layers may add to, e.g. RWKV-7's v_first)
+      blocks        the layers in order; layer(h, past, shared, t0, edits, impl, want_writes)
+                    -> (h, this layer's new cache entry, its writes dict or None)
+      final_norm    the norm that feeds the unembedding;  lm_head_weight() [vocab,D]
+      head_out_proj(layer, head) [D,V]: the head's columns of the out-projection
+      head_norm_eps, norm_jacobian(o, v, eps), transport_key(key, w): what the closed form needs
+                    (writesae.shift_predictions)
     """
 
     arch = ""
     layer_kind = "write"
     default_write = "additive"
+    READ_PATH = ""
+
+    @property
+    def sae_rank(self) -> int:
+        """The default rank of the SAE's atoms: the rank of the default write."""
+        return self.write_rank[self.default_write]
+
+    def forward(self, ids, cache=None, use_cache=False, edits=(), capture=None, impl="chunked",
+                logits="all") -> Output:
+        """ids [B,T] -> Output. A cache continues from cache.pos (never mutated); use_cache returns
+        a new one; edits apply at absolute positions; capture records writes (and S_t) of some
+        layers."""
+        self.check_forward(ids, cache, edits, capture, impl)
+        t0, keep = (0, use_cache) if cache is None else (cache.pos, True)
+        stop = None
+        if capture is not None and capture.stop_after and capture.layers:
+            stop = max(capture.layers)                        # the forward ends there: no logits
+        h, shared = self.embed(ids, t0)                                       # [B,T,D]
+        layers, captures = [], {}
+        for i, layer in enumerate(self.blocks):
+            past = {} if cache is None else cache.layers[i]
+            mine = [e for e in edits if e.layer == i]
+            want = capture is not None and i in capture.layers
+            h, new, writes = layer(h, past, shared, t0, mine, impl, want)
+            if keep:  # else a layer's state is garbage as soon as the next layer runs
+                layers.append(new)
+            if want:
+                captures[i] = self.captured(writes, past.get(self.state_key), capture, bool(mine))
+            del new, writes  # not held while the next layer runs (a layer's largest extra)
+            if i == stop:
+                return Output(None, None, captures)
+        W = self.lm_head_weight()                                             # [vocab,D]
+        h = self.logit_rows(h, logits)
+        h = None if h is None else self.final_norm(h).to(W.dtype)  # the residual is freed first
+        out = None if h is None else torch.nn.functional.linear(h, W).float()  # [B,T|1,vocab]
+        return Output(out, Cache(t0 + ids.shape[1], layers) if keep else None, captures)
+
+    def check_forward(self, ids, cache, edits, capture, impl):
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {list(IMPLS)}, not {impl!r}")
+        if ids.dim() != 2 or ids.is_floating_point() or ids.is_complex():
+            raise ValueError(f"ids must be a [B,T] tensor of token ids, not {ids.dtype} "
+                             f"{list(ids.shape)}")
+        if cache is not None and len(cache.layers) != len(self.blocks):
+            raise ValueError(f"cache has {len(cache.layers)} layers, the model {len(self.blocks)}")
+        self.check_edits(edits)
+        self.check_capture(capture)
 
     def check_site(self, layer: int, head: int | None = None):
         if layer not in self.write_layers:

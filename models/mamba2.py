@@ -20,6 +20,7 @@ Reference: mamba_ssm 2.3 modules/mamba2.py (non-fused path) ≡ transformers 5.2
 (equations in docs/MODELS.md §2.3); chunked scan after mamba_ssm modules/ssd_minimal.py.
 """
 
+import functools
 import json
 import math
 import warnings
@@ -31,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import hub
-from .common import Cache, Output, WriteModel, causal_conv, decay_exp, scan_with_edits
+from . import common
+from .common import WriteModel, causal_conv, decay_exp, scan_with_edits
 
 DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"  # raw mamba_ssm repos ship none; the models were trained with it
 SCAN_CHUNK = 64  # our chunk length; results do not depend on it (the checkpoint's chunk_size tunes mamba_ssm's kernel)
@@ -152,16 +154,8 @@ def step(state, x_t: dict, edit_fn=None, *, A, D):
     return S, y, writes
 
 
-def recurrent(inputs: dict, state=None, keep_states=False, *, A, D):
-    """The token loop over `step`: the reference for everything else."""
-    outs, parts, states = [], [], []
-    for t in range(inputs["x"].shape[1]):
-        state, y, w = step(state, {n: v[:, t] for n, v in inputs.items()}, A=A, D=D)
-        outs.append(y), parts.append(w), states.append(state)
-    writes = {n: torch.stack([w[n] for w in parts], dim=1) for n in parts[0]}
-    if keep_states:
-        writes["states"] = torch.stack(states, dim=1)                         # [B,T,H,N,P]
-    return torch.stack(outs, dim=1), state, writes
+# the token loop over step: recurrent(inputs, state=None, keep_states=False, *, A, D)
+recurrent = functools.partial(common.recurrent, step)
 
 
 def segsum(a):
@@ -281,7 +275,7 @@ class Mamba2Block(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.eps)
         self.mixer = Mamba2Mixer(cfg)
 
-    def forward(self, h, past, t0, edits, impl, want_writes):                 # residual stream h fp32
+    def forward(self, h, past, shared, t0, edits, impl, want_writes):  # residual stream h fp32
         out, new, writes = self.mixer(self.norm(h), past, t0, edits, impl, want_writes)
         return h + out, new, writes
 
@@ -296,6 +290,12 @@ class Backbone(nn.Module):
 
 class Mamba2ForCausalLM(WriteModel):
     arch, layer_kind, default_write = "mamba2", "Mamba-2", "additive"
+    state_key = "ssm"
+    READ_PATH = (
+        "Mamba-2: read y = SᵀC_t + D x_t — the D skip does not see the state, so it cancels in Δℓ; "
+        "gain = w ⊙ silu(z)/rms(y ⊙ silu(z)) (gate, then norm); out_proj. Transport exp(ΔA) is a "
+        "scalar: G is exact, but 'exact' keeps the norm's diagonal gain (its input y + D x needs "
+        "x, which the writes lack).")
 
     def __init__(self, config: Mamba2Config):
         super().__init__()
@@ -306,33 +306,16 @@ class Mamba2ForCausalLM(WriteModel):
         self.n_heads, self.state_shape = config.n_heads, (config.d_state, config.headdim)
         self.write_rank = {"additive": 1, "increment": 1}
 
-    def forward(self, ids, cache=None, use_cache=False, edits=(), capture=None, impl="chunked", logits="all") -> Output:
-        self.check_edits(edits)
-        self.check_capture(capture)
-        if impl not in SCANS:
-            raise ValueError(f"impl must be one of {list(SCANS)}, not {impl!r}")
-        if ids.dim() != 2 or ids.dtype != torch.long:
-            raise ValueError(f"ids must be a [B,T] long tensor, not {ids.dtype} {list(ids.shape)}")
-        t0, keep = (0, use_cache) if cache is None else (cache.pos, True)
-        stop = max(capture.layers) if capture is not None and capture.stop_after and capture.layers else None
-        h, layers, captures = self.backbone.embeddings(ids).float(), [], {}   # [B,T,D] residual in fp32
-        for i, block in enumerate(self.backbone.layers):
-            past = {} if cache is None else cache.layers[i]
-            mine = [e for e in edits if e.layer == i]
-            want = capture is not None and i in capture.layers
-            h, new, writes = block(h, past, t0, mine, impl, want)
-            if keep:  # else a layer's state is garbage as soon as the next layer runs
-                layers.append(new)
-            if want:
-                captures[i] = self.captured(writes, past.get("ssm"), capture, edited=bool(mine))
-            del new, writes  # not held while the next layer runs (writes are a layer's largest extra)
-            if i == stop:
-                return Output(None, None, captures)
-        W = self.lm_head_weight()
-        h = self.logit_rows(h, logits)
-        h = None if h is None else self.backbone.norm_f(h).to(W.dtype)  # the pre-norm residual is freed first
-        out = None if h is None else F.linear(h, W).float()                   # [B,T,vocab]
-        return Output(out, Cache(t0 + ids.shape[1], layers) if keep else None, captures)
+    def embed(self, ids, t0):
+        return self.backbone.embeddings(ids).float(), {}                      # [B,T,D] fp32
+
+    @property
+    def blocks(self):
+        return self.backbone.layers
+
+    @property
+    def final_norm(self):
+        return self.backbone.norm_f
 
     def head_out_proj(self, layer: int, head: int):
         self.check_site(layer, head)
@@ -341,6 +324,21 @@ class Mamba2ForCausalLM(WriteModel):
 
     def lm_head_weight(self):
         return self.backbone.embeddings.weight if self.lm_head is None else self.lm_head.weight   # [vocab,D]
+
+    @property
+    def head_norm_eps(self):
+        return self.config.eps
+
+    @staticmethod
+    def norm_jacobian(o, v, eps):
+        """v unchanged: the gated norm sees y ⊙ silu(z) with y = SᵀC + D x, and x is not in the
+        writes, so the diagonal gain is all there is to use."""
+        return v
+
+    @staticmethod
+    def transport_key(key, w):
+        """key [..,r,K] <- exp(Δ_s A) key: the decay is a scalar, so the transport is exact."""
+        return w["decay"][..., None, :] * key
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ Cache.layers[i]: GDN {"conv": [B,W−1,conv_dim] last conv inputs, "state": S}; 
 Reference: transformers 5.24 models/qwen3_5/modeling_qwen3_5.py (equations in docs/MODELS.md §1.5).
 """
 
+import functools
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -28,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import hub
-from .common import Cache, Output, WriteModel, causal_conv, decay_exp, scan_with_edits
+from . import common
+from .common import WriteModel, causal_conv, decay_exp, rms_norm_jacobian, scan_with_edits
 
 
 @dataclass
@@ -98,17 +100,8 @@ def step(state, x_t: dict, edit_fn=None):
     return S, out, writes
 
 
-def recurrent(inputs: dict, state=None, keep_states=False):
-    """The token loop over `step`: the reference for everything else."""
-    T = inputs["k"].shape[1]
-    outs, parts, states = [], [], []
-    for t in range(T):
-        state, o, w = step(state, {n: x[:, t] for n, x in inputs.items()})
-        outs.append(o), parts.append(w), states.append(state)
-    writes = {n: torch.stack([w[n] for w in parts], dim=1) for n in parts[0]}
-    if keep_states:
-        writes["states"] = torch.stack(states, dim=1)                         # [B,T,H,K,V]
-    return torch.stack(outs, dim=1), state, writes
+# the token loop over step: recurrent(inputs, state=None, keep_states=False)
+recurrent = functools.partial(common.recurrent, step)
 
 
 def chunked(inputs: dict, state=None, chunk_size=64):
@@ -296,13 +289,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, past, cos, sin, t0, edits, impl):
-        """-> (h, this layer's new cache entry, the GDN writes or None)."""
+    def forward(self, h, past, shared, t0, edits, impl, want_writes):
+        """-> (h, this layer's new cache entry, the GDN writes or None). A GDN layer's norm
+        computes the writes' gain for its own output, so want_writes changes nothing here."""
         x, writes = self.input_layernorm(h), None
         if hasattr(self, "linear_attn"):
             y, new, writes = self.linear_attn(x, past, t0, edits, impl)
         else:
-            y, new = self.self_attn(x, past, cos, sin)
+            y, new = self.self_attn(x, past, shared["cos"], shared["sin"])
         h = h + y
         return h + self.mlp(self.post_attention_layernorm(h)), new, writes
 
@@ -318,6 +312,11 @@ class TextModel(nn.Module):
 class Qwen35ForCausalLM(WriteModel):
     arch, layer_kind, default_write = "qwen35", "Gated DeltaNet", "additive"
     write_rank = {"additive": 1, "increment": 1}
+    state_key = "state"
+    READ_PATH = (
+        "GDN: read o = Sᵀq̃ (q̃ = l2(q)/√K); gain = w ⊙ silu(z)/rms(o) (gated RMSNorm, norm then "
+        "gate); out_proj. Transport α(I − βk̂k̂ᵀ): the delta-rule erase is what the no-fit G = Πα "
+        "drops; 'exact' also uses the gated RMSNorm's full local Jacobian.")
 
     def __init__(self, cfg: Qwen35Config):
         super().__init__()
@@ -342,31 +341,17 @@ class Qwen35ForCausalLM(WriteModel):
         dtype = self.model.embed_tokens.weight.dtype
         return ang.cos().to(dtype), ang.sin().to(dtype)
 
-    def forward(self, ids, cache=None, use_cache=False, edits=(), capture=None, impl="chunked", logits="all") -> Output:
-        self.check_edits(edits)
-        self.check_capture(capture)
-        if impl not in SCANS:
-            raise ValueError(f"impl must be one of {list(SCANS)}, not {impl!r}")
-        B, T = ids.shape
-        t0, keep = (0, use_cache) if cache is None else (cache.pos, True)
-        cos, sin = self.rotary(torch.arange(t0, t0 + T, device=ids.device))
-        stop = max(capture.layers) if capture is not None and capture.stop_after and capture.layers else None
-        h, layers, captures = self.model.embed_tokens(ids), [], {}
-        for i, layer in enumerate(self.model.layers):
-            past = {} if cache is None else cache.layers[i]
-            mine = [e for e in edits if e.layer == i]
-            h, new, writes = layer(h, past, cos, sin, t0, mine, impl)
-            if keep:  # else a layer's state is garbage as soon as the next layer runs
-                layers.append(new)
-            if capture is not None and i in capture.layers:
-                captures[i] = self.captured(writes, past.get("state"), capture, edited=bool(mine))
-            del new, writes  # not held while the next layer runs (writes are a layer's largest extra)
-            if i == stop:
-                return Output(None, None, captures)
-        h = self.logit_rows(h, logits)
-        h = None if h is None else self.model.norm(h)  # reassigned: the pre-norm residual is freed before the logits
-        out = None if h is None else self.lm_head(h).float()                  # [B,T,vocab]
-        return Output(out, Cache(t0 + T, layers) if keep else None, captures)
+    def embed(self, ids, t0):
+        cos, sin = self.rotary(torch.arange(t0, t0 + ids.shape[1], device=ids.device))
+        return self.model.embed_tokens(ids), {"cos": cos, "sin": sin}
+
+    @property
+    def blocks(self):
+        return self.model.layers
+
+    @property
+    def final_norm(self):
+        return self.model.norm
 
     def head_out_proj(self, layer: int, head: int):
         self.check_site(layer, head)
@@ -375,6 +360,25 @@ class Qwen35ForCausalLM(WriteModel):
 
     def lm_head_weight(self):
         return self.lm_head.weight                                            # [vocab,D]
+
+    @property
+    def head_norm_eps(self):
+        return self.config.rms_norm_eps
+
+    @staticmethod
+    def norm_jacobian(o, v, eps):
+        """The gated RMSNorm's local Jacobian at the read o [..,V] over its diagonal gain, on
+        v [..,r,V]."""
+        return rms_norm_jacobian(o, v, eps)
+
+    @staticmethod
+    def transport_key(key, w):
+        """key [..,r,K] <- M_s key with M_s = α_s (I − β_s k̂_s k̂_sᵀ): the delta rule's decay and
+        erase.
+        w: the writes at s, head axis removed, no time axis."""
+        k = w["add_k"][..., :1, :]                                            # [..,1,K] unit key
+        erase = w["beta"][..., None, None] * (key * k).sum(-1, keepdim=True) * k
+        return w["decay"][..., None, :] * (key - erase)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import hub
-from .common import Cache, Output, WriteModel, scan_with_edits
+from . import common
+from .common import WriteModel, rms_norm_jacobian, scan_with_edits
 
 
 @dataclass
@@ -101,16 +102,8 @@ def step(state, x_t: dict, edit_fn=None, **kw):
     return S, o, write
 
 
-def recurrent(inputs: dict, state=None, keep_states=False, **kw):
-    """The naive path: a loop over `step`. Returns (out [B,T,H,V], final state [B,H,K,V], writes)."""
-    outs, writes, states = [], [], []
-    for t in range(inputs["r"].shape[1]):
-        state, o, w = step(state, {n: x[:, t] for n, x in inputs.items()})
-        outs.append(o), writes.append(w), states.append(state)
-    writes = {n: torch.stack([w[n] for w in writes], 1) for n in writes[0]}
-    if keep_states:
-        writes["states"] = torch.stack(states, 1)                                # [B,T,H,K,V]
-    return torch.stack(outs, 1), state, writes
+# the token loop over step: recurrent(inputs, state=None, keep_states=False)
+recurrent = functools.partial(common.recurrent, step)
 
 
 def chunked(inputs: dict, state=None, chunk_size=32, **kw):
@@ -170,6 +163,9 @@ def chunked(inputs: dict, state=None, chunk_size=32, **kw):
                   inc_k=torch.stack([k, b], 3), inc_v=torch.stack([v, u], 3),   # [B,T,H,2,K|V]
                   decay=w.exp(), query=r)
     return from_chunks(O), S, writes
+
+
+SCANS = {"chunked": chunked, "recurrent": recurrent}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -267,21 +263,30 @@ class Block(nn.Module):
         self.attn_norm, self.ffn_norm = nn.LayerNorm(C, eps=eps), nn.LayerNorm(C, eps=eps)
         self.attn, self.ffn = Attention(cfg, layer), FeedForward(cfg)
 
-    def forward(self, x, v_first, past, edits, t0, scan):
-        past = past or {}
+    def forward(self, x, past, shared, t0, edits, impl, want_writes):
+        """-> (x, this layer's new cache entry, writes). Layer 0 puts v_first in shared for the
+        layers after it; the writes' gain costs nothing extra, so want_writes changes nothing."""
         if hasattr(self, "pre_norm"):
             x = self.pre_norm(x)
         h = self.attn_norm(x)
-        out, v_first, S, writes = self.attn(h, v_first, past.get("attn_shift"), past.get("S"), edits, t0, scan)
+        out, shared["v_first"], S, writes = self.attn(
+            h, shared.get("v_first"), past.get("attn_shift"), past.get("S"), edits, t0, SCANS[impl])
         x = x + out
         f = self.ffn_norm(x)
         x = x + self.ffn(f, past.get("ffn_shift"))
-        return x, v_first, dict(attn_shift=h[:, -1], S=S, ffn_shift=f[:, -1]), writes
+        return x, dict(attn_shift=h[:, -1], S=S, ffn_shift=f[:, -1]), writes
 
 
 class RWKV7(WriteModel):
     arch, layer_kind, default_write = "rwkv7", "RWKV-7", "increment"
     write_rank = {"additive": 1, "increment": 2}
+    state_key = "S"
+    READ_PATH = (
+        "RWKV-7: read o = Sᵀr_t (no scaling); gain = γ/σ ⊙ g (per-head GroupNorm, then the output "
+        "gate); o_proj. The bonus (r·k̃·r_k)v bypasses state and norm, so it cancels. "
+        "G = Π diag(w_s) per key channel; the exact transport adds the rank-1 erase b(aᵀ·) and "
+        "needs writes['a'] (absent: 'exact' only at h = 0); 'exact' also uses the GroupNorm's full "
+        "local Jacobian (centring and σ).")
 
     def __init__(self, cfg: RWKV7Config):
         super().__init__()
@@ -296,34 +301,16 @@ class RWKV7(WriteModel):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embeddings.weight
 
-    def forward(self, ids, cache=None, use_cache=False, edits=(), capture=None, impl="chunked", logits="all") -> Output:
-        self.check_edits(edits)
-        self.check_capture(capture)
-        scan = {"chunked": chunked, "recurrent": recurrent}.get(impl)
-        if scan is None:
-            raise ValueError(f"impl must be 'chunked' or 'recurrent', not {impl!r}")
-        if ids.dim() != 2:
-            raise ValueError(f"ids must be [B,T] token ids, got shape {list(ids.shape)}")
-        if cache is not None and len(cache.layers) != len(self.write_layers):
-            raise ValueError(f"cache has {len(cache.layers)} layers, the model {len(self.write_layers)}")
-        t0, keep = (0, use_cache) if cache is None else (cache.pos, True)
-        x, v_first, layers, captures = self.model.embeddings(ids), None, [], {}
-        stop = max(capture.layers) if capture is not None and capture.stop_after else None
-        for i, block in enumerate(self.model.layers):
-            past = cache.layers[i] if cache is not None else None
-            mine = [e for e in edits if e.layer == i]
-            x, v_first, now, writes = block(x, v_first, past, mine, t0, scan)
-            if keep:  # else a layer's state is garbage as soon as the next layer runs
-                layers.append(now)
-            if capture is not None and i in capture.layers:
-                captures[i] = self.captured(writes, None if past is None else past["S"], capture, bool(mine))
-            del now, writes  # not held while the next layer runs (writes are a layer's largest extra)
-            if i == stop:
-                return Output(None, None, captures)
-        x = self.logit_rows(x, logits)
-        x = None if x is None else self.model.norm(x)  # reassigned: the pre-norm residual is freed before the logits
-        out = None if x is None else self.lm_head(x).float()                       # [B,T,vocab]
-        return Output(out, Cache(t0 + ids.shape[1], layers) if keep else None, captures)
+    def embed(self, ids, t0):
+        return self.model.embeddings(ids), {}                                 # [B,T,C]
+
+    @property
+    def blocks(self):
+        return self.model.layers
+
+    @property
+    def final_norm(self):
+        return self.model.norm
 
     def head_out_proj(self, layer: int, head: int) -> torch.Tensor:
         self.check_site(layer, head)
@@ -332,6 +319,26 @@ class RWKV7(WriteModel):
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.lm_head.weight                                                  # [vocab,C]
+
+    @property
+    def head_norm_eps(self):
+        return self.config.head_dim * self.config.norm_eps                # the GroupNorm's
+
+    @staticmethod
+    def norm_jacobian(o, v, eps):
+        """The per-head GroupNorm's local Jacobian at the read o [..,V] over its diagonal gain, on v
+        [..,r,V]: an RMS norm's on the centred o and v (centring and σ)."""
+        return rms_norm_jacobian(o - o.mean(-1, keepdim=True), v - v.mean(-1, keepdim=True), eps)
+
+    @staticmethod
+    def transport_key(key, w):
+        """key [..,r,K] <- M_s key with M_s = diag(w_s) + b_s a_sᵀ (the decay and the rank-1 erase;
+        b is the increment's second key factor). None when the writes lack a (the scans do not
+        return it)."""
+        if "a" not in w:
+            return None
+        erase = (key * w["a"][..., None, :]).sum(-1, keepdim=True) * w["inc_k"][..., 1:2, :]
+        return w["decay"][..., None, :] * key + erase
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ import pytest
 import torch
 from helpers import assert_close
 
-from models.common import Cache, Edit, apply_edits, causal_conv, outer, rebuild_states, scan_with_edits
+from models.common import (Cache, Capture, Edit, apply_edits, causal_conv, outer, rebuild_states,
+                           scan_with_edits)
 
 
 def test_edit_validation():
@@ -100,3 +101,45 @@ def test_causal_conv_equals_conv1d_and_carries_its_window_across_calls():
         y, prev = causal_conv(x[:, a:e], w, b, prev)
         parts.append(y)
     assert_close("in pieces", got, torch.cat(parts, 1), 1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model-level forward (WriteModel.forward) and what each model owns, on tiny models
+
+TINY = {
+    "gdn": dict(hidden_size=16, intermediate_size=24, head_dim=8, num_attention_heads=2,
+                num_key_value_heads=1, layer_types=("linear_attention", "full_attention"),
+                linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=8,
+                linear_value_head_dim=4),
+    "mamba2": dict(d_model=16, n_layer=2, d_state=8, headdim=8),
+    "rwkv7": dict(hidden_size=16, num_hidden_layers=2, head_dim=8, intermediate_size=32,
+                  decay_low_rank_dim=8, a_low_rank_dim=8, v_low_rank_dim=8, gate_low_rank_dim=8),
+}
+
+
+@pytest.mark.parametrize("arch", list(TINY))
+def test_shared_forward_checks_and_final_norm(arch):
+    """One layer loop for all three: the same input checks (the empty-capture guard included), the
+    logits are the final_norm's output times lm_head_weight, and the default SAE rank is the default
+    write's rank."""
+    from demo.build import build_model
+    model = build_model(arch, 40, seed=0, **TINY[arch]).eval()
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0))
+    seen = []
+    hook = model.final_norm.register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.no_grad():
+        logits = model(ids).logits
+    hook.remove()
+    head = torch.nn.functional.linear(seen[0], model.lm_head_weight())
+    assert_close("logits", head, logits, 1e-6)
+    with torch.no_grad():  # an empty capture with stop_after runs the whole model
+        torch.testing.assert_close(model(ids, capture=Capture((), stop_after=True)).logits, logits)
+        cache = model(ids[:, :3], use_cache=True).cache
+    with pytest.raises(ValueError, match="ids must be a"):
+        model(ids.float())
+    with pytest.raises(ValueError, match="cache has 1 layers"):
+        model(ids, cache=Cache(3, cache.layers[:1]))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        model(ids, impl="fused")
+    assert model.sae_rank == model.write_rank[model.default_write] == (2 if arch == "rwkv7" else 1)
+    assert model.READ_PATH and model.head_norm_eps > 0

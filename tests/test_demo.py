@@ -1,6 +1,6 @@
-"""models/demo.py: registry text (offline error, R data reader, .deb extraction, Gutenberg stripping), the BPE
-tokenizer, and pretraining of a tiny model of each architecture. Nothing here touches the network: the offline
-test points pip and apt at a closed port."""
+"""demo/build.py: registry text (offline error, R data reader, .deb extraction, Gutenberg
+stripping), the BPE tokenizer, and pretraining of a tiny model of each architecture. Nothing here
+touches the network: the offline test points pip and apt at a closed port."""
 
 import gzip
 import importlib.util
@@ -18,7 +18,9 @@ import zlib
 import pytest
 import torch
 
-from models import demo, hub, load_model, rdata
+import models
+from demo import build as demo, rdata
+from models import hub, load_model
 
 # --------------------------------------------------------------------------------------------------------
 # R serialization, written by hand from R Internals §1.8 (XDR, big-endian)
@@ -275,14 +277,14 @@ def test_build_model_rejects_unknown_field():
 
 
 def test_demo_path(tmp_path, monkeypatch):
-    monkeypatch.setattr(demo, "CKPT_DIR", tmp_path)
+    monkeypatch.setattr(models, "DEMO_DIR", tmp_path)
     with pytest.raises(ValueError, match="demo models: demo/gdn, demo/mamba2, demo/rwkv7"):
-        demo.demo_path("demo/gpt2")
+        models.demo_path("demo/gpt2")
     with pytest.raises(FileNotFoundError, match="demo model demo/gdn is not built.*--arch gdn"):
-        demo.demo_path("demo/gdn")
+        models.demo_path("demo/gdn")
     (tmp_path / "mamba2").mkdir()
     (tmp_path / "mamba2" / "config.json").write_text("{}")
-    assert demo.demo_path("demo/mamba2") == tmp_path / "mamba2"
+    assert models.demo_path("demo/mamba2") == tmp_path / "mamba2"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -305,7 +307,7 @@ def test_demo_checkpoint_beats_unigram(arch, demo_split):
     """Each committed demo/<arch> loads through the Hub loader and beats the unigram baseline on held-out text;
     demo.json agrees with what the checkpoint gives now."""
     model, tok = load_model(f"demo/{arch}")
-    report = json.loads((demo.demo_path(f"demo/{arch}") / "demo.json").read_text())
+    report = json.loads((models.demo_path(f"demo/{arch}") / "demo.json").read_text())
     train, val = (demo.encode_stream(tok, part) for part in demo_split)
     unigram = demo.unigram_loss(train, val, tok.vocab_size)
     loss = demo.heldout_loss(model, val, 256, max_tokens=8192)

@@ -11,7 +11,8 @@ import torch
 
 import eval as ev
 import writesae
-from models import demo, load_model
+from demo import build as demo
+from models import load_model
 
 SMALL = {
     "gdn": dict(hidden_size=32, intermediate_size=48, head_dim=8, num_attention_heads=2, num_key_value_heads=1,
@@ -192,7 +193,7 @@ def test_every_experiment_end_to_end(tiny, tmp_path):
     same = lambda r: json.dumps(r, sort_keys=True, default=float)  # noqa: E731  (NaN-safe equality)
     assert same(res) == same(ev.evaluate(site, ids, args))  # deterministic for a seed
     ev.write_report(tmp_path, res, {"model": "tiny", "arch": site.model.arch, "layer": site.layer,
-                                    "head": site.head})
+                                    "head": site.head}, site.model.READ_PATH)
     md = (tmp_path / "report.md").read_text()
     assert "| substitution win (pool: 3 most-firing features × ≤ 6; cache edit, t + 1): " in md
     assert "| closed-form R² (Eq. (1) as printed" in md
@@ -202,6 +203,7 @@ def test_every_experiment_end_to_end(tiny, tmp_path):
     assert pts["row"] == "pool" and min(pts["kl_delete"]) >= 0
     lengths = {len(pts[k]) for k in ("atom", "kl_atom", "kl_delete", "kl_random")}
     assert lengths == {s["pool"]["n"]}
+    assert site.model.READ_PATH and site.model.READ_PATH in md
     assert json.loads((tmp_path / "report.json").read_text())["meta"]["arch"] == site.model.arch
 
 
@@ -237,7 +239,7 @@ def test_cli_default_run_of_a_model(tmp_path, text, monkeypatch):
 def test_train_and_eval_on_the_demo_model(tmp_path, text):
     """The default model (the committed demo/gdn, at its own site) end to end at reduced sizes."""
     import train
-    from models.demo import DEMO_SITES
+    from demo.build import DEMO_SITES
     (tmp_path / "corpus.txt").write_text(text)
     run = tmp_path / "run"
     train.main(["--data", str(tmp_path / "corpus.txt"), "--seq-len", "64", "--n-seqs", "20", "--epochs", "2",
@@ -297,10 +299,10 @@ def test_eq1_is_the_gainless_direct_path_of_the_no_fit_prediction(tiny):
     dk, dv, toks = site.dec_k[:3], site.dec_v[:3], torch.tensor([[1, 2], [3, 4], [5, 6]])
     w1 = dict(sc["w"], gain=torch.ones_like(sc["w"]["gain"]))
     e1 = ev.eq1_predictions(dk, dv, sc["w"], 5, [0, 1, 4], site.W_O, site.W_U[toks])
-    ref, _ = writesae.shift_predictions(site.model.arch, dk, dv, w1, 5, [0, 1, 4], lambda s: site.W_U[toks],
+    ref, _ = writesae.shift_predictions(site.model, dk, dv, w1, 5, [0, 1, 4], lambda s: site.W_U[toks],
                                         sc["read"], site.W_O, 0.0)
     torch.testing.assert_close(e1, ref)
-    gained, _ = writesae.shift_predictions(site.model.arch, dk, dv, sc["w"], 5, [0, 1, 4],
+    gained, _ = writesae.shift_predictions(site.model, dk, dv, sc["w"], 5, [0, 1, 4],
                                            lambda s: ev.unembed(site, sc, s, toks), sc["read"], site.W_O, 0.0)
     assert not torch.allclose(e1, gained)
 

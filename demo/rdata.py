@@ -1,5 +1,5 @@
 """A pure-Python reader for R's serialization format (R Internals §1.8), the subset that data packages use: how
-models/demo.py reads Jane Austen's novels out of Debian's r-cran-janeaustenr without R.
+demo/build.py reads Jane Austen's novels out of Debian's r-cran-janeaustenr without R.
 
 Glossary
   item        one serialized R object: an int of flags (type = flags & 0xFF, has-attributes bit 9, has-tag bit 10,
