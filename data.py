@@ -23,12 +23,12 @@ Glossary
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from models.common import Capture, walk_states
+from models.hub import atomic_write
 
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FACTORS = ("inc_k", "inc_v", "log_decay")
@@ -168,9 +168,8 @@ class FactorStore:
         return cls(root, read_json(f)) if f.exists() else None
 
     def finish(self):
-        tmp = self.root / "store.json.tmp"
-        tmp.write_text(json.dumps(self.meta, indent=1) + "\n")
-        os.replace(tmp, self.root / "store.json")
+        text = json.dumps(self.meta, indent=1) + "\n"
+        atomic_write(self.root / "store.json", lambda tmp: tmp.write_text(text))
 
     def bytes_per_token_head(self) -> int:
         m = self.meta

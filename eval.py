@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -45,7 +44,7 @@ from tqdm import tqdm
 import report_html
 from models import Capture, Edit, load_model
 from models.common import apply_edits
-from models.hub import read_json
+from models.hub import atomic_write, read_json
 from train import Parser, count, natural
 from writesae import (WriteSAE, atom_write_cosines, frob, frob_cos, install_direction, install_factors,
                       logit_shift_prediction, shift_predictions, substitution_factors)
@@ -1165,8 +1164,7 @@ def write_report(out, res, meta, read_path=""):
     """report.json and report.md from the results so far (each written beside, then renamed into
     place); an experiment that failed ({"error": ...}) is listed under the table."""
     def write(name, text):
-        (out / f"{name}.tmp").write_text(text)
-        os.replace(out / f"{name}.tmp", out / name)
+        atomic_write(out / name, lambda tmp: tmp.write_text(text))
     out.mkdir(parents=True, exist_ok=True)
     write("report.json", json.dumps({"meta": meta, **res}, indent=1, default=float) + "\n")
     L = [f"# WriteSAE evaluation: {meta['model']} layer {meta['layer']} head {meta['head']}", "",

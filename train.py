@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 import data
 import writesae
-from models.hub import load_pt, load_safetensors, read_json
+from models.hub import atomic_write, load_pt, load_safetensors, read_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NOT_BINDING = ("resume", "max_steps", "device", "out", "log_every")  # may change between a run and its --resume
@@ -276,7 +276,7 @@ def check_out(out: Path, resume: bool, overwrite: bool):
 
 
 def recover(out: Path):
-    """Finish what a crash interrupted: a swap of best/ or last/ (replace_dir), or an --overwrite
+    """Finish what a crash interrupted: a swap of best/ or last/ (atomic_write), or an --overwrite
     whose new run stopped before its first checkpoint (the replaced run comes back)."""
     for name in ("last", "best"):
         if not (out / name).exists() and (out / f"{name}.old").exists():
@@ -297,17 +297,6 @@ def set_aside(out: Path):
     for name in sorted(RUN_FILES - {"store", "replaced"}):
         if (out / name).exists():
             os.replace(out / name, out / "replaced" / name)
-
-
-def replace_dir(dst: Path, write):
-    """write(tmp) a directory, then swap it in for dst: a crash leaves dst or dst.old complete."""
-    tmp, old = dst.with_name(dst.name + ".tmp"), dst.with_name(dst.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -499,7 +488,7 @@ def run(args):
                 torch.save({"step": step, "opt": opt.state_dict(), "tracker": tracker.state_dict(),
                             "rng": torch.get_rng_state(), "best": best}, d / "train_state.pt")
         if rank == 0:
-            replace_dir(out / name, write)
+            atomic_write(out / name, write)
             shutil.rmtree(out / "replaced", ignore_errors=True)  # --overwrite: the new run has one
 
     def evaluate():

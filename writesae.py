@@ -35,7 +35,6 @@ Decisions where the paper is open (PAPER_NOTES §3):
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -274,14 +273,14 @@ class WriteSAE(nn.Module):
     def save(self, path):
         """A directory with cfg.json and sae.safetensors (each written to a temp file, then renamed)."""
         from safetensors.torch import save_file
+        from models.hub import atomic_write
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tmp = path / "cfg.json.tmp"
-        tmp.write_text(json.dumps(asdict(self.cfg), indent=1) + "\n")
-        os.replace(tmp, path / "cfg.json")
+        cfg = json.dumps(asdict(self.cfg), indent=1) + "\n"
+        atomic_write(path / "cfg.json", lambda tmp: tmp.write_text(cfg))
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        save_file(tensors, str(path / "sae.safetensors.tmp"), metadata={"seed": str(self.seed)})
-        os.replace(path / "sae.safetensors.tmp", path / "sae.safetensors")
+        atomic_write(path / "sae.safetensors",
+                     lambda tmp: save_file(tensors, str(tmp), metadata={"seed": str(self.seed)}))
 
     @classmethod
     def load(cls, name_or_path, device="cpu", revision=None):

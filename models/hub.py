@@ -18,6 +18,7 @@ that file. Nothing here knows about any architecture.
 import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import torch
@@ -64,6 +65,19 @@ def load_pt(path, **kw):
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         why = (str(e).splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"cannot read {path}: {why} (truncated or corrupt?)") from None
+
+
+def atomic_write(path, write):
+    """write(tmp) a file or a directory beside `path`, then rename it into place: a crash leaves the
+    old `path` or the new one, never a half-written one (a directory swaps through `path`.old)."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    write(tmp)
+    if tmp.is_dir() and path.exists():  # os.replace cannot put a directory over another
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def split_repo_file(name: str) -> tuple[str, str | None]:
