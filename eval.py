@@ -1188,68 +1188,125 @@ def write_report(out, res, meta, read_path=""):
 EXPERIMENTS = {"subst": exp_subst, "closed": exp_closed, "erase": exp_erase, "sign": exp_sign,
                "install": exp_install, "amplify": exp_amplify, "partition": exp_partition,
                "atoms": exp_atoms}
-FLAGS = [  # (flag, default, help): the type is the default's (a function: that type, default None);
-    # a list is comma-separated; a tuple lists the choices, the first is the default; an int is a
-    # count (≥ 1) unless INTS says otherwise
-    # ---- run, site, output ----
-    ("run", None, "train.py run directory (default: train.py's default --out for --model)"),
-    ("exp", ",".join(EXPERIMENTS), f"comma list of {', '.join(EXPERIMENTS)}"),
-    ("model", None, "the model of train.py's default run, or with --run: override its model (same site)"),
-    ("layer", natural, "without --run: the layer of train.py's default run for --model (default: its "
-                   "default site)"),
-    ("head", natural, "which of the run's heads (default its first); without --run, also picks "
-                  "train.py's default run of that one head"),
-    ("sae", "best", "the run's SAE directory: best or last"),
-    ("tokenizer", None, "as train.py --tokenizer (default: the run's)"),
-    ("revision", None, "as train.py --revision (default: the run's)"),
-    ("max-blocks", 64, "held-out blocks scanned"), ("device", "cuda" if torch.cuda.is_available() else "cpu", None),
-    ("dtype", ("float32", "bfloat16", "float16"), "float32 only (others refused, with the reason)"),
-    ("seed", 2026, "the paper's substitution / Experiment C seed"),
-    ("boot", 5000, "bootstrap resamples"), ("out", None, "report directory (default <run>/eval)"),
-    # ---- 1. substitution ----
-    ("pool", 8, "features in the firing pool (the primary row, PAPER_NOTES.md §5.1)"),
-    ("pool-cap", 300, "firings per pool feature"),
-    ("pool-rule", ("frequent", "random"), "pool features: the most firings, or drawn among alive"),
-    ("max-firings", 1000, "firings of the per-atom and the position-weighted rows"),
-    ("per-atom", 30, "firings per dominant atom (the per-atom row and the population test cap)"),
-    ("min-atom-firings", 5, "population test: atoms with at least this many"),
-    ("scale", ("coef", "matched"), "headline atom/random scale"),
-    ("horizon", 0, "also sum KL over this many further positions"),
-    # ---- 2. closed form ----
-    ("cf-atoms", 8, "the most frequent dominant atoms"), ("cf-prompts", 64, None),
-    ("eps", [0.25, 0.5, 0.75, 1.0], "absolute ε (Table 9's grid): S_t0 + ε·A_i, unit factors; the headline"),
-    ("eps-rel", [0.1, 0.3, 1.0, 3.0], "relative ε: × the median held-out ‖S_t‖_F (secondary)"),
-    ("cf-small", 0.25, "headline pools the ε ≤ this × median ‖S_t‖_F"),
-    ("cf-h", [0, 1, 4, 16], "horizons; the headline is the first h ≥ 1"),
-    ("cf-tokens", 5, "eval tokens per atom (rank 1 is the headline)"),
-    # ---- 3. cache edits ----
-    ("erase-atom", -1, "default: the atom that fires most"), ("erase-n", 150, None), ("sign-n", 2000, None),
-    ("sign-targets", 8, "random target tokens per context"), ("install-prompts", 30, None),
-    ("install-len", 32, "the shortest context (the install uses a context's last 3 positions)"),
-    ("install-positions", 5, "contexts per passage, ends evenly spaced from --install-len"),
-    ("install-targets", 2, "targets per stratum and context"), ("install-m", [1.5, 3.0, 6.0], None),
-    ("gen-len", 20, None), ("amp-select", ".", "features are ranked before this token (its stripped text)"),
-    ("amp-features", 10, None),
-    ("amp-doses", [2.0, 5.0, 10.0], None), ("amp-prompts", 20, None), ("amp-prompt-len", 32, None),
-    ("amp-len", 100, None), ("amp-temperature", 0.7, None),
-    # ---- 4. partition ----
-    ("tau", 0.05, None), ("min-fire", 1, "firings for an atom to count as alive"),
-    # ---- 5. atom cards ----
-    ("cards", 32, "atom cards in report.html (the atoms that fire most)"),
-]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-INTS = {"seed": int, "horizon": natural, "erase-atom": int, "cf-h": natural}  # not counts
+
+def comma_list(cast):
+    """An argparse type= for a comma-separated list, each item read by cast."""
+    return lambda s: [cast(x) for x in s.split(",")]
+
+
+def add_run_flags(p):
+    # ---- run, site, output ----
+    g = p.add_argument_group("run, site, output")
+    g.add_argument("--run", default=None,
+                   help="train.py run directory (default: train.py's default --out for --model)")
+    g.add_argument("--exp", type=str, default=",".join(EXPERIMENTS),
+                   help=f"comma list of {', '.join(EXPERIMENTS)}")
+    g.add_argument("--model", default=None, help="the model of train.py's default run, or with "
+                   "--run: override its model (same site)")
+    g.add_argument("--layer", type=natural, default=None,
+                   help="without --run: the layer of train.py's default run for --model "
+                        "(default: its default site)")
+    g.add_argument("--head", type=natural, default=None,
+                   help="which of the run's heads (default its first); without --run, also picks "
+                        "train.py's default run of that one head")
+    g.add_argument("--sae", type=str, default="best", help="the run's SAE directory: best or last")
+    g.add_argument("--tokenizer", default=None,
+                   help="as train.py --tokenizer (default: the run's)")
+    g.add_argument("--revision", default=None, help="as train.py --revision (default: the run's)")
+    g.add_argument("--max-blocks", type=count, default=64, help="held-out blocks scanned")
+    g.add_argument("--device", type=str, default=DEVICE)
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="float32 only (others refused, with the reason)")
+    g.add_argument("--seed", type=int, default=2026,
+                   help="the paper's substitution / Experiment C seed")
+    g.add_argument("--boot", type=count, default=5000, help="bootstrap resamples")
+    g.add_argument("--out", default=None, help="report directory (default <run>/eval)")
+
+
+def add_subst_flags(p):
+    # ---- 1. substitution ----
+    g = p.add_argument_group("1. substitution (§3.2)")
+    g.add_argument("--pool", type=count, default=8,
+                   help="features in the firing pool (the primary row, the paper's §3.2)")
+    g.add_argument("--pool-cap", type=count, default=300, help="firings per pool feature")
+    g.add_argument("--pool-rule", choices=("frequent", "random"), default="frequent",
+                   help="pool features: the most firings, or drawn among alive")
+    g.add_argument("--max-firings", type=count, default=1000,
+                   help="firings of the per-atom and the position-weighted rows")
+    g.add_argument("--per-atom", type=count, default=30,
+                   help="firings per dominant atom (the per-atom row and the population test cap)")
+    g.add_argument("--min-atom-firings", type=count, default=5,
+                   help="population test: atoms with at least this many")
+    g.add_argument("--scale", choices=("coef", "matched"), default="coef",
+                   help="headline atom/random scale")
+    g.add_argument("--horizon", type=natural, default=0,
+                   help="also sum KL over this many further positions")
+
+
+def add_closed_flags(p):
+    # ---- 2. closed form ----
+    g = p.add_argument_group("2. closed form (§2, App. A)")
+    g.add_argument("--cf-atoms", type=count, default=8, help="the most frequent dominant atoms")
+    g.add_argument("--cf-prompts", type=count, default=64)
+    g.add_argument("--eps", type=comma_list(float), default=[0.25, 0.5, 0.75, 1.0],
+                   help="absolute ε (Table 9's grid): S_t0 + ε·A_i, unit factors; the headline")
+    g.add_argument("--eps-rel", type=comma_list(float), default=[0.1, 0.3, 1.0, 3.0],
+                   help="relative ε: × the median held-out ‖S_t‖_F (secondary)")
+    g.add_argument("--cf-small", type=float, default=0.25,
+                   help="headline pools the ε ≤ this × median ‖S_t‖_F")
+    g.add_argument("--cf-h", type=comma_list(natural), default=[0, 1, 4, 16],
+                   help="horizons; the headline is the first h ≥ 1")
+    g.add_argument("--cf-tokens", type=count, default=5,
+                   help="eval tokens per atom (rank 1 is the headline)")
+
+
+def add_cache_edit_flags(p):
+    # ---- 3. cache edits: erasure, sign test, install, amplification ----
+    g = p.add_argument_group("3. cache edits (§4, App. I)")
+    g.add_argument("--erase-atom", type=int, default=-1, help="default: the atom that fires most")
+    g.add_argument("--erase-n", type=count, default=150)
+    g.add_argument("--sign-n", type=count, default=2000)
+    g.add_argument("--sign-targets", type=count, default=8,
+                   help="random target tokens per context")
+    g.add_argument("--install-prompts", type=count, default=30)
+    g.add_argument("--install-len", type=count, default=32,
+                   help="the shortest context (the install uses a context's last 3 positions)")
+    g.add_argument("--install-positions", type=count, default=5,
+                   help="contexts per passage, ends evenly spaced from --install-len")
+    g.add_argument("--install-targets", type=count, default=2,
+                   help="targets per stratum and context")
+    g.add_argument("--install-m", type=comma_list(float), default=[1.5, 3.0, 6.0])
+    g.add_argument("--gen-len", type=count, default=20)
+    g.add_argument("--amp-select", type=str, default=".",
+                   help="features are ranked before this token (its stripped text)")
+    g.add_argument("--amp-features", type=count, default=10)
+    g.add_argument("--amp-doses", type=comma_list(float), default=[2.0, 5.0, 10.0])
+    g.add_argument("--amp-prompts", type=count, default=20)
+    g.add_argument("--amp-prompt-len", type=count, default=32)
+    g.add_argument("--amp-len", type=count, default=100)
+    g.add_argument("--amp-temperature", type=float, default=0.7)
+
+
+def add_partition_flags(p):
+    # ---- 4. partition ----
+    g = p.add_argument_group("4. partition (§3.1)")
+    g.add_argument("--tau", type=float, default=0.05)
+    g.add_argument("--min-fire", type=count, default=1, help="firings for an atom to count as alive")
+    # ---- atom cards ----
+    g = p.add_argument_group("atom cards (report.html)")
+    g.add_argument("--cards", type=count, default=32,
+                   help="atom cards in report.html (the atoms that fire most)")
+
 
 def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for flag, d, hlp in FLAGS:
-        first = d[0] if isinstance(d, list) else d
-        t = INTS.get(flag, count) if type(first) is int else type(first)
-        kw = ({"type": d, "default": None} if callable(d) else {"choices": d, "default": d[0]}
-              if isinstance(d, tuple) else {"type": lambda s, t=t: [t(x) for x in s.split(",")]}
-              if isinstance(d, list) else {} if d is None else {"type": t})
-        kw.setdefault("default", d)
-        p.add_argument(f"--{flag}", help=hlp, **kw)
+    add_run_flags(p)
+    add_subst_flags(p)
+    add_closed_flags(p)
+    add_cache_edit_flags(p)
+    add_partition_flags(p)
     args = p.parse_args(argv)
     args.exp = [e for e in args.exp.split(",") if e]
     if not args.exp:
@@ -1258,6 +1315,7 @@ def parse_args(argv=None):
         p.error(f"argument --exp: unknown experiment {bad[0]!r}; choose from "
                 f"{', '.join(EXPERIMENTS)}")
     return args
+
 
 def evaluate(site, blocks, args, done=None):
     """Scan the blocks once, run the chosen experiments; returns {experiment: results}. done(results
