@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import eval as ev
+import stats
 import report_html
 import svg
 from test_eval import FAST, build, site_of, text  # noqa: F401  (text is a fixture)
@@ -173,7 +174,7 @@ def test_axis_ticks_and_log_scatter():
                                        ((0.15, 0.31), (0.005, 0.03), (0.9, 0.1)),  # beyond its mean
                                        ((0.0, 0.3), (0.02, 0.002), (0.7, 0.3))])   # narrow register
 def test_partition_threshold_is_where_the_register_component_takes_over(mu, var, pi):
-    x = ev.crossing(list(mu), list(var), list(pi))
+    x = stats.crossing(list(mu), list(var), list(pi))
     def dens(x, j):  # w_j N(x; m_j, v_j) up to the common 1/√(2π)
         return pi[j] * math.exp(-0.5 * (x - mu[j]) ** 2 / var[j]) / math.sqrt(var[j])
     assert dens(x, 0) == pytest.approx(dens(x, 1), rel=1e-9) and x > mu[0]
