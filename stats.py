@@ -1,4 +1,5 @@
-"""The statistics of eval.py's reports: intervals, paired tests, fits (torch, fp64; no scipy/sklearn).
+"""The statistics of eval.py's reports: intervals, paired tests, fits (torch, fp64; no scipy or
+sklearn).
 
 Glossary
   Wilson interval     the score interval of a proportion k/n (Wilson 1927); the paper's win-rate CIs
@@ -151,7 +152,8 @@ def crossing(mu, var, pi):
 
 
 def paired_summary(base, cond, n_boot=5000, seed=0):
-    """Mean change cond − base with bootstrap CI, sign-flip permutation p (10⁴), paired Cohen's d."""
+    """Mean change cond − base with bootstrap CI, sign-flip permutation p (10⁴), paired Cohen's
+    d."""
     base = torch.as_tensor(base, dtype=F64)
     cond = torch.as_tensor(cond, dtype=F64)
     d = cond - base

@@ -116,7 +116,7 @@ def test_sign_stats():
 
 def test_native_atom_gives_zero_kl_and_a_null_atom_cannot_win(tiny):
     site, ids = tiny
-    scans = [ev.scan(site, b) for b in ids[:2]]
+    scans = [ev.scan_block(site, b) for b in ids[:2]]
     n = site.dec_k.shape[0]
     kls = {}
     for name in ("native", "null"):
@@ -175,7 +175,7 @@ def test_install_lift_is_tested_across_prompts():
 
 def test_install_with_m_zero_leaves_generation_unchanged(tiny):
     site, ids = tiny
-    sc = ev.scan(site, ids[0])
+    sc = ev.scan_block(site, ids[0])
     x = ids[:1, :12]
     base = site.model.generate(x, 6)
     assert torch.equal(site.model.generate(x, 6, edits=ev.install_edits(site, sc, 12, 7, 0.0)), base)
@@ -262,7 +262,7 @@ def test_erase_null_control_is_null_under_cross_fit_but_not_in_sample(tmp_path, 
     in-sample bias grows with the number of directions an edit can move the logits in (Qwen3.5's are 128)."""
     model, tok, ids = build("gdn", tmp_path, text, hidden_size=64, linear_value_head_dim=32)
     site = site_of(model, tok)
-    scans = [ev.scan(site, b) for b in ids]
+    scans = [ev.scan_block(site, b) for b in ids]
     pts = [(b, t) for b in range(len(ids)) for t in range(2, 46, 6)]          # 6 passages × 8 positions
     size = 3 * torch.stack([writesae.frob(*ev.native(site, scans[b], t)) for b, t in pts]).median()
     gens = [torch.Generator().manual_seed(s) for s in range(20)]
@@ -295,7 +295,7 @@ def test_eq1_is_the_gainless_direct_path_of_the_no_fit_prediction(tiny):
     """eq1 (Eq. 1 as printed) = eq1+gain's prediction with the head norm's gain set to 1 and raw W_U rows: the
     same G = Π decay over the same steps, at every h; with the gains, the two differ."""
     site, ids = tiny
-    sc = ev.scan(site, ids[0])
+    sc = ev.scan_block(site, ids[0])
     dk, dv, toks = site.dec_k[:3], site.dec_v[:3], torch.tensor([[1, 2], [3, 4], [5, 6]])
     w1 = dict(sc["w"], gain=torch.ones_like(sc["w"]["gain"]))
     e1 = ev.eq1_predictions(dk, dv, sc["w"], 5, [0, 1, 4], site.W_O, site.W_U[toks])
@@ -359,7 +359,7 @@ def test_partition_measures_the_cosine_to_the_increment(tiny):
     increment; against the additive write (GDN: β k vᵀ ≠ k δᵀ) they do not. The mixture's crossing lies between
     its means."""
     site, ids = tiny
-    sc = ev.scan(site, ids[0])
+    sc = ev.scan_block(site, ids[0])
     n, pos = 6, torch.arange(10, 40, 5)
     one = dataclasses.replace(site, dec_k=sc["w"]["inc_k"][pos], dec_v=sc["w"]["inc_v"][pos])
     codes = torch.zeros(48, n)
@@ -459,7 +459,7 @@ def test_cache_reading_equals_a_literal_cache_edit(arch, tmp_path, text):
     layer, head = model.write_layers[0], 1
     sae = writesae.WriteSAE(cfg, seed=0)
     site = ev.make_site(model, tok, sae, 0, layer, head, model.default_write)
-    sc = ev.scan(site, ids[0])
+    sc = ev.scan_block(site, ids[0])
     points = [(0, 5), (0, 20), (0, 31)]
     R = ev.firing_kls(site, ids[:1], [sc], points, torch.Generator().manual_seed(0), horizon=1)
     a, d = ev.CONDS.index("atom"), ev.CONDS.index("delete")
