@@ -1096,9 +1096,8 @@ DEVIATIONS = [
     "Partition: the paper's GMM is sklearn's; here our own 1-D EM (5 starts); atoms with "
     "< --min-fire firings count as dead. Wilcoxon and sign tests use normal approximations.",
 ]
-# The paper's figures for its main model, Qwen3.5-0.8B (§3–§4, Tables 2, 6, 9, 21, App. A, F.2,
-# I); a model class's PAPER_FIGURES holds the ones the paper reports differently for its
-# architecture, under the same keys.
+# The paper's figures for its main model, Qwen3.5-0.8B (§3–§4, App. A, F.2, I); a model class's
+# PAPER_FIGURES holds, under the same keys, the ones the paper reports apart for its architecture.
 PAPER = {
     "win": "92.4% [91.6, 93.1] (4,851 firings, Qwen3.5-0.8B L1/L9/L17 H4)",
     "chain": "89.5% (4,851)",
@@ -1128,6 +1127,7 @@ def fmt(x, pct=False):
 
 
 def pct(x):
+    """A fraction as a percentage."""
     return fmt(x, True)
 
 
