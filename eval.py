@@ -673,8 +673,9 @@ def exp_erase(site, blocks, scans, args):
     i = args.erase_atom
     if i < 0:
         i = int(sum((scan["codes"] > 0).sum(0) for scan in scans).argmax())
-    ai = torch.stack([scan["codes"][:T - 1, i] for scan in scans]).cpu()  # [blocks,T−1]: a next
-    on = sample((ai > 0).nonzero().tolist(), args.erase_n, gen)           # token to read
+    # [blocks,T−1]: positions with a next token to read the edit at
+    ai = torch.stack([scan["codes"][:T - 1, i] for scan in scans]).cpu()
+    on = sample((ai > 0).nonzero().tolist(), args.erase_n, gen)
     off = sample((ai == 0).nonzero().tolist(), args.erase_n, gen)
     if len(on) < 2:
         raise ValueError(f"atom {i} fires {len(on)} times on the held-out blocks: erasure needs 2")
