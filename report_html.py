@@ -88,18 +88,21 @@ def ranked(x, ids, decode, top, n=8):
 
 def atom_cards(site, blocks, scans, args, native, decode):
     """One card's data for each of the args.cards atoms that fire most on the held-out blocks.
-    native(sc) -> the native write factors at every position of a scan; decode(ids) -> text|None."""
-    codes = torch.stack([sc["codes"] for sc in scans]).float().cpu()          # [blocks,T,n]
+    native(scan) -> the native write factors at every position of a scan; decode(ids) ->
+    text|None."""
+    codes = torch.stack([scan["codes"] for scan in scans]).float().cpu()      # [blocks,T,n]
     ids, fires = blocks.cpu(), codes > 0
     count = fires.sum((0, 1))
     total = codes.sum((0, 1))
     order = sorted(range(codes.shape[-1]), key=lambda i: (-int(count[i]), -total[i].item()))
-    nat = [tuple(f.float().cpu() for f in native(sc)) for sc in scans]      # [T,r,K], [T,r,V] each
+    nat = [tuple(f.float().cpu() for f in native(scan))                      # [T,r,K], [T,r,V]
+           for scan in scans]                                                 # each
     keys = torch.stack([k[:, 0] for k, _ in nat])                             # [blocks,T,K]
     tok_ids, tok_keys, share = token_keys(keys.flatten(0, 1), ids.flatten())
-    query = torch.stack([sc["w"]["query"] for sc in scans]).float().cpu()     # [blocks,T,K]
-    gain = torch.stack([sc["w"]["gain"] for sc in scans]).float().cpu() if "gain" in scans[0]["w"] \
-        else None                                                             # [blocks,T,V]
+    query = torch.stack([scan["w"]["query"] for scan in scans]).float().cpu()  # [blocks,T,K]
+    gain = None
+    if "gain" in scans[0]["w"]:
+        gain = torch.stack([scan["w"]["gain"] for scan in scans]).float().cpu()  # [blocks,T,V]
     dk, dv = site.dec_k.float().cpu(), site.dec_v.float().cpu()               # [n,r,K], [n,r,V]
     resid = site.W_U.float().cpu() @ site.W_O.float().cpu()                   # [vocab,V]
     cards = []

@@ -4,12 +4,12 @@ a model with only the direct path, the install with m = 0, and every experiment 
 
 import dataclasses
 import json
-import math
 
 import pytest
 import torch
 
 import eval as ev
+import stats
 import writesae
 from demo import build as demo
 from models import load_model
@@ -92,31 +92,31 @@ def tiny(request, tmp_path_factory, text):
 def test_wilson_matches_known_values():
     for (k, n), (lo, hi) in {(5, 10): (0.2366, 0.7634), (0, 10): (0.0, 0.2775), (4481, 4851): (0.9160, 0.9309),
                              (1, 1): (0.2065, 1.0)}.items():
-        got = ev.wilson(k, n)
+        got = stats.wilson(k, n)
         assert abs(got[0] - lo) < 1e-4 and abs(got[1] - hi) < 1e-4, (k, n, got)
 
 
 def test_em_recovers_two_clusters_and_prefers_one_on_one():
     g = torch.Generator().manual_seed(0)
     x = torch.cat([0.01 * torch.randn(200, generator=g), 0.3 + 0.02 * torch.randn(100, generator=g)])
-    mu, var, pi, _, bic2 = ev.gmm_em(x, 2)
+    mu, var, pi, _, bic2 = stats.gmm_em(x, 2)
     assert abs(mu[0]) < 0.005 and abs(mu[1] - 0.3) < 0.01 and abs(pi[0] - 2 / 3) < 0.01
-    assert abs(var[0] ** 0.5 - 0.01) < 0.003 and bic2 < ev.gmm_em(x, 1)[4] - 100
+    assert abs(var[0] ** 0.5 - 0.01) < 0.003 and bic2 < stats.gmm_em(x, 1)[4] - 100
     one = 0.02 * torch.randn(300, generator=g)
-    assert ev.gmm_em(one, 2)[4] > ev.gmm_em(one, 1)[4]
+    assert stats.gmm_em(one, 2)[4] > stats.gmm_em(one, 1)[4]
 
 
 def test_sign_stats():
-    s = ev.sign_stats(torch.tensor([1.0, 2, 3, -0.5, 0]))
+    s = stats.sign_stats(torch.tensor([1.0, 2, 3, -0.5, 0]))
     assert (s["wins"], s["losses"], s["ties"]) == (3, 1, 1) and s["paired_dominance"] == pytest.approx(0.4)
-    assert ev.sign_stats(torch.arange(1.0, 41))["wilcoxon_p"] < 1e-6
+    assert stats.sign_stats(torch.arange(1.0, 41))["wilcoxon_p"] < 1e-6
 
 
 # ---- substitution identities --------------------------------------------------------------------------------
 
 def test_native_atom_gives_zero_kl_and_a_null_atom_cannot_win(tiny):
     site, ids = tiny
-    scans = [ev.scan(site, b) for b in ids[:2]]
+    scans = [ev.scan_block(site, b) for b in ids[:2]]
     n = site.dec_k.shape[0]
     kls = {}
     for name in ("native", "null"):
@@ -175,7 +175,7 @@ def test_install_lift_is_tested_across_prompts():
 
 def test_install_with_m_zero_leaves_generation_unchanged(tiny):
     site, ids = tiny
-    sc = ev.scan(site, ids[0])
+    sc = ev.scan_block(site, ids[0])
     x = ids[:1, :12]
     base = site.model.generate(x, 6)
     assert torch.equal(site.model.generate(x, 6, edits=ev.install_edits(site, sc, 12, 7, 0.0)), base)
@@ -262,7 +262,7 @@ def test_erase_null_control_is_null_under_cross_fit_but_not_in_sample(tmp_path, 
     in-sample bias grows with the number of directions an edit can move the logits in (Qwen3.5's are 128)."""
     model, tok, ids = build("gdn", tmp_path, text, hidden_size=64, linear_value_head_dim=32)
     site = site_of(model, tok)
-    scans = [ev.scan(site, b) for b in ids]
+    scans = [ev.scan_block(site, b) for b in ids]
     pts = [(b, t) for b in range(len(ids)) for t in range(2, 46, 6)]          # 6 passages × 8 positions
     size = 3 * torch.stack([writesae.frob(*ev.native(site, scans[b], t)) for b, t in pts]).median()
     gens = [torch.Generator().manual_seed(s) for s in range(20)]
@@ -274,7 +274,7 @@ def test_erase_null_control_is_null_under_cross_fit_but_not_in_sample(tmp_path, 
     lp = torch.stack([lg[:, 1].float().log_softmax(-1) for _, _, lg in ev.branches(site, ids, pts, rows_fn, 1)])
     half = ev.halves_by_passage(torch.tensor([b for b, _ in pts]), torch.Generator().manual_seed(0))
     assert sorted(torch.bincount(half).tolist()) == [24, 24]                 # whole passages, balanced
-    p = {cf: [ev.sign_stats(ev.erase_test(lp[:, 0], lp[:, 1 + s], half, cf)[0])["wilcoxon_p"] for s in range(20)]
+    p = {cf: [stats.sign_stats(ev.erase_test(lp[:, 0], lp[:, 1 + s], half, cf)[0])["wilcoxon_p"] for s in range(20)]
          for cf in (True, False)}
     assert sum(x > 0.05 for x in p[True]) >= 18, p[True]
     assert sum(x < 0.05 for x in p[False]) > 10, p[False]
@@ -288,14 +288,14 @@ def test_erase_cross_fit_finds_a_real_preferred_token():
     cond[:, 7] -= 0.5
     half = ev.halves_by_passage(torch.arange(40) // 4, g)
     d, tok = ev.erase_test(base, cond, half)
-    assert (tok == 7).all() and ev.sign_stats(d)["wilcoxon_p"] < 1e-4
+    assert (tok == 7).all() and stats.sign_stats(d)["wilcoxon_p"] < 1e-4
 
 
 def test_eq1_is_the_gainless_direct_path_of_the_no_fit_prediction(tiny):
     """eq1 (Eq. 1 as printed) = eq1+gain's prediction with the head norm's gain set to 1 and raw W_U rows: the
     same G = Π decay over the same steps, at every h; with the gains, the two differ."""
     site, ids = tiny
-    sc = ev.scan(site, ids[0])
+    sc = ev.scan_block(site, ids[0])
     dk, dv, toks = site.dec_k[:3], site.dec_v[:3], torch.tensor([[1, 2], [3, 4], [5, 6]])
     w1 = dict(sc["w"], gain=torch.ones_like(sc["w"]["gain"]))
     e1 = ev.eq1_predictions(dk, dv, sc["w"], 5, [0, 1, 4], site.W_O, site.W_U[toks])
@@ -359,7 +359,7 @@ def test_partition_measures_the_cosine_to_the_increment(tiny):
     increment; against the additive write (GDN: β k vᵀ ≠ k δᵀ) they do not. The mixture's crossing lies between
     its means."""
     site, ids = tiny
-    sc = ev.scan(site, ids[0])
+    sc = ev.scan_block(site, ids[0])
     n, pos = 6, torch.arange(10, 40, 5)
     one = dataclasses.replace(site, dec_k=sc["w"]["inc_k"][pos], dec_v=sc["w"]["inc_v"][pos])
     codes = torch.zeros(48, n)
@@ -371,7 +371,7 @@ def test_partition_measures_the_cosine_to_the_increment(tiny):
         assert max(ev.partition_of(one, [dict(sc, codes=codes)], "add", args)["points"]["median_cos"]) < 0.999
     mu = inc.get("means")
     assert mu is None or inc["registers"] == sum(c >= inc["threshold"] for c in inc["points"]["median_cos"])
-    assert ev.crossing([0.0, 1.0], [0.1, 0.1], [0.5, 0.5]) == pytest.approx(0.5)
+    assert stats.crossing([0.0, 1.0], [0.1, 0.1], [0.5, 0.5]) == pytest.approx(0.5)
 
 
 # ---- substitution protocol ----------------------------------------------------------------------
@@ -382,12 +382,12 @@ def test_cluster_bootstrap_known_case_and_wider_than_wilson():
     singleton clusters give Wilson's interval back."""
     x = torch.tensor(([1.0] * 30 + [0.0] * 70)).repeat_interleave(20)  # 100 clusters of 20, p = .3
     clusters = torch.arange(100).repeat_interleave(20)
-    lo, hi = ev.cluster_bootstrap(x, clusters, 5000, seed=0)
+    lo, hi = stats.cluster_bootstrap(x, clusters, 5000, seed=0)
     half = 1.96 * (0.3 * 0.7 / 100) ** 0.5
     assert abs(lo - (0.3 - half)) < 0.015 and abs(hi - (0.3 + half)) < 0.015, (lo, hi)
-    w = ev.wilson(600, 2000)
+    w = stats.wilson(600, 2000)
     assert hi - lo > 3 * (w[1] - w[0])
-    lo1, hi1 = ev.cluster_bootstrap(x, torch.arange(2000), 5000, seed=0)
+    lo1, hi1 = stats.cluster_bootstrap(x, torch.arange(2000), 5000, seed=0)
     assert abs(lo1 - w[0]) < 0.01 and abs(hi1 - w[1]) < 0.01, (lo1, hi1, w)
 
 
@@ -459,7 +459,7 @@ def test_cache_reading_equals_a_literal_cache_edit(arch, tmp_path, text):
     layer, head = model.write_layers[0], 1
     sae = writesae.WriteSAE(cfg, seed=0)
     site = ev.make_site(model, tok, sae, 0, layer, head, model.default_write)
-    sc = ev.scan(site, ids[0])
+    sc = ev.scan_block(site, ids[0])
     points = [(0, 5), (0, 20), (0, 31)]
     R = ev.firing_kls(site, ids[:1], [sc], points, torch.Generator().manual_seed(0), horizon=1)
     a, d = ev.CONDS.index("atom"), ev.CONDS.index("delete")

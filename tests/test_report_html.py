@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import eval as ev
+import stats
 import report_html
 import svg
 from test_eval import FAST, build, site_of, text  # noqa: F401  (text is a fixture)
@@ -74,10 +75,10 @@ def test_one_card_for_each_of_the_most_active_atoms(run):
     cards = [a["id"] for t, a in page.tags if t == "section" and a.get("class") == "card"]
     atoms = [c["atom"] for c in report["atoms"]["cards"]]
     assert cards == [f"atom-{i}" for i in atoms] and len(atoms) == 5
-    count = sum((ev.scan(site, b)["codes"] > 0).sum(0) for b in ids.long())  # firings per atom
+    count = sum((ev.scan_block(site, b)["codes"] > 0).sum(0) for b in ids.long())  # firings per atom
     assert sorted(count[atoms].tolist()) == sorted(count.topk(5).values.tolist())
     assert [c["firings"] for c in report["atoms"]["cards"]] == count[atoms].tolist()
-    codes = torch.stack([ev.scan(site, b)["codes"] for b in ids.long()])  # [blocks,T,n]
+    codes = torch.stack([ev.scan_block(site, b)["codes"] for b in ids.long()])  # [blocks,T,n]
     for c in report["atoms"]["cards"]:  # contexts strongest first, the first at the atom's maximum
         peak = [x["acts"][x["at"]] for x in c["contexts"]]
         assert peak == sorted(peak, reverse=True)
@@ -121,7 +122,7 @@ def test_failed_and_missing_experiments_are_notes_and_text_is_escaped():
 
 def test_cards_survive_ids_that_do_not_decode(run):
     site, ids = run[:2]
-    scans = [ev.scan(site, b) for b in ids.long()]
+    scans = [ev.scan_block(site, b) for b in ids.long()]
     decode = lambda x: None if x[0] % 2 else f"<{x[0]}>"  # noqa: E731
     args = ev.parse_args(["--cards", "3"])
     atoms = report_html.atom_cards(site, ids.long(), scans, args,
@@ -173,7 +174,7 @@ def test_axis_ticks_and_log_scatter():
                                        ((0.15, 0.31), (0.005, 0.03), (0.9, 0.1)),  # beyond its mean
                                        ((0.0, 0.3), (0.02, 0.002), (0.7, 0.3))])   # narrow register
 def test_partition_threshold_is_where_the_register_component_takes_over(mu, var, pi):
-    x = ev.crossing(list(mu), list(var), list(pi))
+    x = stats.crossing(list(mu), list(var), list(pi))
     def dens(x, j):  # w_j N(x; m_j, v_j) up to the common 1/√(2π)
         return pi[j] * math.exp(-0.5 * (x - mu[j]) ** 2 / var[j]) / math.sqrt(var[j])
     assert dens(x, 0) == pytest.approx(dens(x, 1), rel=1e-9) and x > mu[0]
