@@ -404,8 +404,8 @@ def subst_points(firings, idx, args):
             "atom": firings["atom"][idx].tolist()}
 
 
-READING_TEXT = {"cache": "cache edit (§5.4 B): S_t edited after step t, KL at t + 1",
-                "recurrence": "in-recurrence (§5.4 A): the read at t sees S'_t, KL at t"}
+READING_TEXT = {"cache": "cache edit: S_t edited after step t, KL at t + 1",
+                "recurrence": "in-recurrence: the read at t sees S'_t, KL at t"}
 
 
 def exp_subst(site, blocks, scans, args):
