@@ -241,6 +241,8 @@ class WriteModel(torch.nn.Module):
       state_key     the name of a write layer's state S in its cache entry
       READ_PATH     a paragraph for the report: the read, the head norm, what the closed form
                     leaves out
+      PAPER_FIGURES the paper's reported numbers for this architecture where they differ from its
+                    Qwen3.5 main figures, keyed like eval.py's PAPER ({} for Qwen3.5)
     and provide
       embed(ids, t0) -> (h [B,T,D], shared): the residual stream and what every layer reads (a
                     dict the layers may add to, e.g. RWKV-7's v_first)
@@ -256,6 +258,7 @@ class WriteModel(torch.nn.Module):
     layer_kind = "write"
     default_write = "additive"
     READ_PATH = ""
+    PAPER_FIGURES: dict[str, str] = {}
 
     @property
     def sae_rank(self) -> int:
