@@ -243,15 +243,20 @@ class WriteModel(torch.nn.Module):
                     leaves out
       PAPER_FIGURES the paper's reported numbers for this architecture where they differ from its
                     Qwen3.5 main figures, keyed like eval.py's PAPER ({} for Qwen3.5)
+      layers_key, final_norm_key  the Hub key prefixes of the layers and of the norm that feeds
+                    the unembedding (e.g. "model.layers", "model.norm")
+      out_proj_key  the key of a write layer's out-projection inside the layer
+                    (e.g. "linear_attn.out_proj")
     and provide
       embed(ids, t0) -> (h [B,T,D], shared): the residual stream and what every layer reads (a
                     dict the layers may add to, e.g. RWKV-7's v_first)
-      blocks        the layers in order; layer(h, past, shared, t0, edits, impl, want_writes)
+      each layer    layer(h, past, shared, t0, edits, impl, want_writes)
                     -> (h, this layer's new cache entry, its writes dict or None)
-      final_norm    the norm that feeds the unembedding;  lm_head_weight() [vocab,D]
-      head_out_proj(layer, head) [D,V]: the head's columns of the out-projection
       head_norm_eps, norm_jacobian(o, v, eps), transport_key(key, w): what the closed form needs
                     (writesae.shift_predictions)
+    From the keys this class gives blocks (the layers in order), final_norm, head_out_proj and
+    lm_head_weight (the lm_head module's weight; Mamba-2, whose tied head is no module,
+    overrides it).
     """
 
     arch = ""
@@ -259,6 +264,24 @@ class WriteModel(torch.nn.Module):
     default_write = "additive"
     READ_PATH = ""
     PAPER_FIGURES: dict[str, str] = {}
+
+    @property
+    def blocks(self) -> torch.nn.ModuleList:
+        return self.get_submodule(self.layers_key)
+
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        return self.get_submodule(self.final_norm_key)
+
+    def head_out_proj(self, layer: int, head: int) -> torch.Tensor:
+        """The head's columns of the layer's out-projection [D,V]: where its read o_t enters."""
+        self.check_site(layer, head)
+        V = self.state_shape[1]
+        out_proj = self.blocks[layer].get_submodule(self.out_proj_key)
+        return out_proj.weight[:, head * V:(head + 1) * V]                    # [D,V]
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.lm_head.weight                                            # [vocab,D]
 
     @property
     def sae_rank(self) -> int:

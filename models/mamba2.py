@@ -290,7 +290,10 @@ class Backbone(nn.Module):
 
 class Mamba2ForCausalLM(WriteModel):
     arch, layer_kind, default_write = "mamba2", "Mamba-2", "additive"
+    write_rank = {"additive": 1, "increment": 1}
     state_key = "ssm"
+    layers_key, final_norm_key = "backbone.layers", "backbone.norm_f"
+    out_proj_key = "mixer.out_proj"
     READ_PATH = (
         "Mamba-2: read y = SᵀC_t + D x_t — the D skip does not see the state, so it cancels in Δℓ; "
         "gain = w ⊙ silu(z)/rms(y ⊙ silu(z)) (gate, then norm); out_proj. Transport exp(ΔA) is a "
@@ -309,26 +312,15 @@ class Mamba2ForCausalLM(WriteModel):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.write_layers = tuple(range(config.n_layer))
         self.n_heads, self.state_shape = config.n_heads, (config.d_state, config.headdim)
-        self.write_rank = {"additive": 1, "increment": 1}
 
     def embed(self, ids, t0):
         return self.backbone.embeddings(ids).float(), {}                      # [B,T,D] fp32
 
-    @property
-    def blocks(self):
-        return self.backbone.layers
-
-    @property
-    def final_norm(self):
-        return self.backbone.norm_f
-
-    def head_out_proj(self, layer: int, head: int):
-        self.check_site(layer, head)
-        P = self.config.headdim
-        return self.backbone.layers[layer].mixer.out_proj.weight[:, head * P:(head + 1) * P]   # [D,P]
-
     def lm_head_weight(self):
-        return self.backbone.embeddings.weight if self.lm_head is None else self.lm_head.weight   # [vocab,D]
+        """[vocab,D]: the embedding when the head is tied (no lm_head module then)."""
+        if self.lm_head is None:
+            return self.backbone.embeddings.weight
+        return self.lm_head.weight
 
     @property
     def head_norm_eps(self):

@@ -313,6 +313,8 @@ class Qwen35ForCausalLM(WriteModel):
     arch, layer_kind, default_write = "qwen35", "Gated DeltaNet", "additive"
     write_rank = {"additive": 1, "increment": 1}
     state_key = "state"
+    layers_key, final_norm_key = "model.layers", "model.norm"
+    out_proj_key = "linear_attn.out_proj"
     READ_PATH = (
         "GDN: read o = Sᵀq̃ (q̃ = l2(q)/√K); gain = w ⊙ silu(z)/rms(o) (gated RMSNorm, norm then "
         "gate); out_proj. Transport α(I − βk̂k̂ᵀ): the delta-rule erase is what the no-fit G = Πα "
@@ -344,22 +346,6 @@ class Qwen35ForCausalLM(WriteModel):
     def embed(self, ids, t0):
         cos, sin = self.rotary(torch.arange(t0, t0 + ids.shape[1], device=ids.device))
         return self.model.embed_tokens(ids), {"cos": cos, "sin": sin}
-
-    @property
-    def blocks(self):
-        return self.model.layers
-
-    @property
-    def final_norm(self):
-        return self.model.norm
-
-    def head_out_proj(self, layer: int, head: int):
-        self.check_site(layer, head)
-        V = self.state_shape[1]
-        return self.model.layers[layer].linear_attn.out_proj.weight[:, head * V:(head + 1) * V]  # [D,V]
-
-    def lm_head_weight(self):
-        return self.lm_head.weight                                            # [vocab,D]
 
     @property
     def head_norm_eps(self):

@@ -281,6 +281,8 @@ class RWKV7(WriteModel):
     arch, layer_kind, default_write = "rwkv7", "RWKV-7", "increment"
     write_rank = {"additive": 1, "increment": 2}
     state_key = "S"
+    layers_key, final_norm_key = "model.layers", "model.norm"
+    out_proj_key = "attn.o_proj"
     READ_PATH = (
         "RWKV-7: read o = Sᵀr_t (no scaling); gain = γ/σ ⊙ g (per-head GroupNorm, then the output "
         "gate); o_proj. The bonus (r·k̃·r_k)v bypasses state and norm, so it cancels. "
@@ -307,22 +309,6 @@ class RWKV7(WriteModel):
 
     def embed(self, ids, t0):
         return self.model.embeddings(ids), {}                                 # [B,T,C]
-
-    @property
-    def blocks(self):
-        return self.model.layers
-
-    @property
-    def final_norm(self):
-        return self.model.norm
-
-    def head_out_proj(self, layer: int, head: int) -> torch.Tensor:
-        self.check_site(layer, head)
-        N = self.config.head_dim
-        return self.model.layers[layer].attn.o_proj.weight[:, head * N:(head + 1) * N]   # [C,V]
-
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.lm_head.weight                                                  # [vocab,C]
 
     @property
     def head_norm_eps(self):
