@@ -279,7 +279,7 @@ class WriteModel(torch.nn.Module):
     and provide
       embed(ids, t0) -> (h [B,T,D], shared): the residual stream and what every layer reads (a
                     dict the layers may add to, e.g. RWKV-7's v_first)
-      each layer    layer(h, past, shared, t0, edits, impl, want_writes)
+      each layer    layer(h, past, shared, t0, edits, impl, want_record)
                     -> (h, this layer's new cache entry, its write record or None)
       head_norm_eps, norm_jacobian(o, v, eps), transport_key(key, w): what the closed form needs
                     (writesae.shift_predictions)

@@ -249,7 +249,7 @@ class Mamba2Mixer(nn.Module):
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
             self.A_log.copy_(torch.empty(H).uniform_(1, 16).log())
 
-    def forward(self, u, past: dict, t0: int, edits, impl: str, want_writes: bool):
+    def forward(self, u, past: dict, t0: int, edits, impl: str, want_record: bool):
         cfg = self.cfg
         H, G, N = cfg.n_heads, cfg.ngroups, cfg.d_state
         zxbcdt = self.in_proj(u.to(self.in_proj.weight.dtype)).float()         # [B,T,2·d_inner+2GN+H]
@@ -263,8 +263,8 @@ class Mamba2Mixer(nn.Module):
                   "B": Bm.unflatten(-1, (G, N)), "C": Cm.unflatten(-1, (G, N))}        # [B,T,G,N]
         y, S, writes = scan_with_edits(SCANS[impl], step, inputs, past.get("ssm"), edits, t0, "additive",
                                        A=-torch.exp(self.A_log.float()), D=self.D.float())
-        o, gain = self.norm(y.flatten(2), z, want_writes)                     # [B,T,d_inner]
-        if want_writes:
+        o, gain = self.norm(y.flatten(2), z, want_record)                     # [B,T,d_inner]
+        if want_record:
             writes["gain"] = gain.unflatten(-1, (H, cfg.headdim))              # [B,T,H,P]
         return self.out_proj(o.to(self.out_proj.weight.dtype)).float(), {"conv": conv_state, "ssm": S}, writes
 
@@ -275,8 +275,8 @@ class Mamba2Block(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.eps)
         self.mixer = Mamba2Mixer(cfg)
 
-    def forward(self, h, past, shared, t0, edits, impl, want_writes):  # residual stream h fp32
-        out, new, writes = self.mixer(self.norm(h), past, t0, edits, impl, want_writes)
+    def forward(self, h, past, shared, t0, edits, impl, want_record):  # residual stream h fp32
+        out, new, writes = self.mixer(self.norm(h), past, t0, edits, impl, want_record)
         return h + out, new, writes
 
 

@@ -263,9 +263,9 @@ class Block(nn.Module):
         self.attn_norm, self.ffn_norm = nn.LayerNorm(C, eps=eps), nn.LayerNorm(C, eps=eps)
         self.attn, self.ffn = Attention(cfg, layer), FeedForward(cfg)
 
-    def forward(self, x, past, shared, t0, edits, impl, want_writes):
+    def forward(self, x, past, shared, t0, edits, impl, want_record):
         """-> (x, this layer's new cache entry, writes). Layer 0 puts v_first in shared for the
-        layers after it; the writes' gain costs nothing extra, so want_writes changes nothing."""
+        layers after it; the writes' gain costs nothing extra, so want_record changes nothing."""
         if hasattr(self, "pre_norm"):
             x = self.pre_norm(x)
         h = self.attn_norm(x)
