@@ -281,8 +281,8 @@ class WriteModel(torch.nn.Module):
                     dict the layers may add to, e.g. RWKV-7's v_first)
       each layer    layer(h, past, shared, t0, edits, impl, want_record)
                     -> (h, this layer's new cache entry, its write record or None)
-      head_norm_eps, norm_jacobian(o, v, eps), transport_key(key, w): what the closed form needs
-                    (writesae.shift_predictions)
+      head_norm_eps, norm_jacobian(o, v, eps), transport_key(key, record_s): what the closed
+                    form needs (writesae.shift_predictions)
     From the keys this class gives blocks (the layers in order), final_norm, head_out_proj and
     lm_head_weight (the lm_head module's weight; Mamba-2, whose tied head is no module,
     overrides it).

@@ -412,13 +412,12 @@ class Qwen35ForCausalLM(WriteModel):
         return rms_norm_jacobian(o, v, eps)
 
     @staticmethod
-    def transport_key(key, w):
+    def transport_key(key, record_s):
         """key [..,r,K] <- M_s key with M_s = α_s (I − β_s k̂_s k̂_sᵀ): the delta rule's decay and
-        erase.
-        w: the writes at s, head axis removed, no time axis."""
-        k = w["add_k"][..., :1, :]                                            # [..,1,K] unit key
-        erase = w["beta"][..., None, None] * (key * k).sum(-1, keepdim=True) * k
-        return w["decay"][..., None, :] * (key - erase)
+        erase. record_s: the write record at s, head axis removed, no time axis."""
+        k = record_s["add_k"][..., :1, :]                                     # [..,1,K] unit key
+        erase = record_s["beta"][..., None, None] * (key * k).sum(-1, keepdim=True) * k
+        return record_s["decay"][..., None, :] * (key - erase)
 
 
 # ------------------------------------------------------------------------------------------------
