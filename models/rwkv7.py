@@ -125,6 +125,34 @@ def step(state, x_t: dict, edit_fn=None, **kw):
 recurrent = functools.partial(common.recurrent, step)
 
 
+def pseudo_value_terms(a_dec, b_inv, k_inv, v):
+    """The loop's u_i = S_{i−1}ᵀ a_i solves (I − A_ab) U = a_dec S_0 + A_ak V, so U = W S_0 + U_0.
+    a_dec, b_inv, k_inv [B,H,N,L,K] and v [B,H,N,L,V] chunked as in `chunked`
+    -> (W [B,H,N,L,K], U_0 [B,H,N,L,V])."""
+    K = a_dec.shape[-1]
+    A_ab = a_dec @ b_inv.transpose(-1, -2)                          # u_i sees erases j < i
+    A_ak = (a_dec @ k_inv.transpose(-1, -2)).tril_(-1)              # u_i sees writes j < i
+    # solve_triangular reads only the strictly lower part of −A_ab (unitriangular: the
+    # diagonal is taken as 1)
+    WU = torch.linalg.solve_triangular(-A_ab, torch.cat([a_dec, A_ak @ v], -1), upper=False,
+                                       unitriangular=True)
+    return WU.split([K, v.shape[-1]], -1)
+
+
+def carry_chunks(S, U0, W, G, KV, b_end):
+    """The sequential part of `chunked`, over chunks only: the pseudo-values U need S_0, and the
+    next S_0 needs U. S [B,H,K,V] before the first chunk; U0 [B,H,N,L,V], W and G [B,H,N,L,K],
+    KV [B,H,N,K,V], b_end [B,H,N,K,L] -> (every chunk's S_0 [B,H,N,K,V], U [B,H,N,L,V], the
+    final state [B,H,K,V])."""
+    starts, us = [], []
+    for n in range(G.shape[2]):
+        starts.append(S)
+        u = U0[:, :, n] + W[:, :, n] @ S                            # [B,H,L,V] = loop's u_i
+        S = G[:, :, n, -1, :, None].exp() * S + KV[:, :, n] + b_end[:, :, n] @ u
+        us.append(u)
+    return torch.stack(starts, 2), torch.stack(us, 2), S
+
+
 def chunked(inputs: dict, state=None, chunk_size=32, **kw):
     """The DPLR chunked form, matmuls only: same (out, final state, record) as `recurrent`, any T.
 
@@ -160,29 +188,16 @@ def chunked(inputs: dict, state=None, chunk_size=32, **kw):
     b_inv = b * undo
     # 2. pair matrices [B,H,N,L,L]: (x ⊙ e^{G_i}) (y ⊙ e^{−G_j})ᵀ = Σ_c x_c e^{G_i−G_j} y_c,
     #    made causal
-    A_ab = a_dec @ b_inv.transpose(-1, -2)                          # u_i sees erases j < i (step 3)
-    A_ak = (a_dec @ k_inv.transpose(-1, -2)).tril_(-1)              # u_i sees writes j < i
     A_rb = (r_dec @ b_inv.transpose(-1, -2)).tril_()                # o_i sees j ≤ i
     A_rk = (r_dec @ k_inv.transpose(-1, -2)).tril_()
-    # 3. the loop's u_i = S_{i−1}ᵀ a_i solves (I − A_ab) U = a_dec S_0 + A_ak V:
-    #    U = W S_0 + U_0 (UT transform); solve_triangular reads only the strictly lower part of
-    #    −A_ab (unitriangular: the diagonal is taken as 1)
-    WU = torch.linalg.solve_triangular(-A_ab, torch.cat([a_dec, A_ak @ v], -1), upper=False,
-                                       unitriangular=True)
-    W, U0 = WU.split([K, V], -1)                                    # [B,H,N,L,K], [B,H,N,L,V]
+    # 3. the pseudo-values as U = W S_0 + U_0 (UT transform)
+    W, U0 = pseudo_value_terms(a_dec, b_inv, k_inv, v)              # [B,H,N,L,K], [B,H,N,L,V]
     # 4. chunk-end state pieces: S_L = e^{G_L} ⊙ S_0 + (k ⊙ e^{G_L−G})ᵀ V + (b ⊙ e^{G_L−G})ᵀ U
     to_end = (G[..., -1:, :] - G).exp()                             # [B,H,N,L,K] ≤ 1
     KV = (k * to_end).transpose(-1, -2) @ v                         # [B,H,N,K,V]
     b_end = (b * to_end).transpose(-1, -2)                          # [B,H,N,K,L]
-    # 5. sequential over chunks only: the pseudo-values U need S_0, and the next S_0 needs U
-    starts, us = [], []
-    for n in range(G.shape[2]):
-        starts.append(S)
-        u = U0[:, :, n] + W[:, :, n] @ S                            # [B,H,L,V] = loop's u_i
-        S = G[:, :, n, -1, :, None].exp() * S + KV[:, :, n] + b_end[:, :, n] @ u
-        us.append(u)
-    S0 = torch.stack(starts, 2)                                     # [B,H,N,K,V]
-    U = torch.stack(us, 2)                                          # [B,H,N,L,V]
+    # 5. sequential over chunks only
+    S0, U, S = carry_chunks(S, U0, W, G, KV, b_end)                 # [B,H,N,K,V], [B,H,N,L,V]
     # 6. o_i = S_iᵀ r_i = (r ⊙ e^{G}) S_0 + A_rb U + A_rk V, for all chunks at once
     O = r_dec @ S0 + A_rb @ U + A_rk @ v                            # [B,H,N,L,V]
 
