@@ -1,5 +1,10 @@
 """load_model(name_or_path) -> (model, tokenizer): one entry point for every supported checkpoint.
 
+Glossary
+  arch          the loader's name of an architecture: "qwen35" | "mamba2" | "rwkv7" (ARCHS),
+                also the model module's name and the model class's `arch`
+  demo model    a small pretrained model committed with the project (see below)
+
 Dispatch is on the checkpoint's config.json (or its absence):
   model_type qwen3_5 / qwen3_5_text          -> models.qwen35   (Qwen3.5 Gated DeltaNet hybrid)
   model_type mamba2, or a raw mamba_ssm config -> models.mamba2   (d_model / n_layer / ssm_cfg,

@@ -419,8 +419,8 @@ class WriteModel(torch.nn.Module):
         def run(x, cache):
             lo = 0 if cache is None else cache.pos
             hi = lo + x.shape[1]
-            now = [e for e in pending if lo <= e.pos < hi]
-            return self(x, cache=cache, use_cache=True, edits=now, logits="last")
+            due = [e for e in pending if lo <= e.pos < hi]  # the edits inside this call's tokens
+            return self(x, cache=cache, use_cache=True, edits=due, logits="last")
 
         res = run(ids, cache)
         for i in range(max_new_tokens):
