@@ -1,9 +1,16 @@
 """load_model(name_or_path) -> (model, tokenizer): one entry point for every supported checkpoint.
 
+Glossary
+  arch          the loader's name of an architecture: "qwen35" | "mamba2" | "rwkv7" (ARCHS),
+                also the model module's name and the model class's `arch`
+  demo model    a small pretrained model committed with the project (see below)
+
 Dispatch is on the checkpoint's config.json (or its absence):
   model_type qwen3_5 / qwen3_5_text          -> models.qwen35   (Qwen3.5 Gated DeltaNet hybrid)
-  model_type mamba2, or a raw mamba_ssm config -> models.mamba2   (d_model / n_layer / ssm_cfg, no model_type)
-  model_type rwkv7, or no config and a .pth   -> models.rwkv7    (fla safetensors / BlinkDL state dict)
+  model_type mamba2, or a raw mamba_ssm config -> models.mamba2   (d_model / n_layer / ssm_cfg,
+                                                                   no model_type)
+  model_type rwkv7, or no config and a .pth   -> models.rwkv7    (fla safetensors / BlinkDL
+                                                                   state dict)
 "demo/gdn", "demo/mamba2", "demo/rwkv7" name the small pretrained models committed with the
 project in demo/<name> (built by demo/build.py).
 """
@@ -14,7 +21,8 @@ from pathlib import Path
 import torch
 
 from . import hub
-from .common import Capture, Cache, Edit, Output, WriteModel, rebuild_states  # noqa: F401  (the public API)
+# the public API
+from .common import Capture, Cache, Edit, Output, WriteModel, rebuild_states  # noqa: F401
 
 __all__ = ["load_model", "detect_arch", "demo_path", "Capture", "Cache", "Edit", "Output",
            "WriteModel", "rebuild_states"]

@@ -165,22 +165,25 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint, in their stored dtypes, on the CPU (memory-mapped where the format allows)."""
+    """All tensors of a checkpoint, in their stored dtypes, on the CPU (memory-mapped where the
+    format allows)."""
     state = {}
     for f in weight_files(path):
         if f.suffix == ".safetensors":
             part = load_safetensors(f)
-        else:  # .bin / .pth are zip pickles: weights_only refuses code, mmap avoids a second copy in RAM
+        else:  # .bin / .pth: zip pickles; weights_only refuses code, mmap avoids a second copy
             part = load_pt(f, mmap=True)
         dup = state.keys() & part.keys()
         if dup:
-            raise CheckpointError(f"tensor {sorted(dup)[0]!r} appears in more than one file of {path}")
+            raise CheckpointError(f"tensor {sorted(dup)[0]!r} appears in more than one file of "
+                                  f"{path}")
         state.update(part)
     return state
 
 
 def check_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Size], where: str):
-    """Raise one error naming the first missing, unexpected or mis-shaped tensor (and how many there are)."""
+    """Raise one error naming the first missing, unexpected or mis-shaped tensor (and how many
+    there are)."""
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]
     shaped = [k for k in expected if k in got and tuple(got[k].shape) != tuple(expected[k])]
@@ -190,7 +193,8 @@ def check_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Size],
             raise CheckpointError(f"{where}: {kind} tensor {names[0]!r}{more}")
     if shaped:
         k = shaped[0]
-        raise CheckpointError(f"{where}: tensor {k!r} has shape {list(got[k].shape)}, expected {list(expected[k])}")
+        raise CheckpointError(f"{where}: tensor {k!r} has shape {list(got[k].shape)}, "
+                              f"expected {list(expected[k])}")
 
 
 class Tokenizer:
@@ -219,7 +223,8 @@ class Tokenizer:
 
 
 class MissingTokenizer(Tokenizer):
-    """Stands in when a checkpoint's tokenizer cannot be had: ids work everywhere, text fails with the reason."""
+    """Stands in when a checkpoint's tokenizer cannot be had: ids work everywhere, text fails
+    with the reason."""
 
     def __init__(self, why, eos_id, vocab_size):
         super().__init__(None, eos_id)
@@ -235,7 +240,8 @@ class MissingTokenizer(Tokenizer):
         return self.n
 
 
-def load_tokenizer(name_or_path, revision=None, eos_id=None, filename="tokenizer.json") -> Tokenizer:
+def load_tokenizer(name_or_path, revision=None, eos_id=None,
+                   filename="tokenizer.json") -> Tokenizer:
     """tokenizer.json from a checkpoint directory, a file, a Hub repo id or repo:FILENAME (cache /
     offline aware)."""
     path = Path(name_or_path).expanduser()

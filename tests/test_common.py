@@ -143,3 +143,16 @@ def test_shared_forward_checks_and_final_norm(arch):
         model(ids, impl="fused")
     assert model.sae_rank == model.write_rank[model.default_write] == (2 if arch == "rwkv7" else 1)
     assert model.READ_PATH and model.head_norm_eps > 0
+
+
+def test_paper_figures_override_keys_of_the_main_figures():
+    """Each model's PAPER_FIGURES replaces rows the report already has (eval.PAPER's keys), with
+    a figure that names its architecture; Qwen3.5 is the paper's main model and overrides none."""
+    import eval as experiments
+    from models.mamba2 import Mamba2ForCausalLM
+    from models.qwen35 import Qwen35ForCausalLM
+    from models.rwkv7 import RWKV7
+    assert Qwen35ForCausalLM.PAPER_FIGURES == {}
+    for cls, name in ((Mamba2ForCausalLM, "Mamba-2"), (RWKV7, "RWKV-7")):
+        assert cls.PAPER_FIGURES and set(cls.PAPER_FIGURES) <= set(experiments.PAPER)
+        assert all(name in figure for figure in cls.PAPER_FIGURES.values())
