@@ -1569,7 +1569,7 @@ def main(argv=None):
             "seed": args.seed, "run": str(run.resolve()), "args": vars(args) | {"run": str(run)}}
     out = Path(args.out) if args.out else run / "eval"
     check_report(out, meta)
-    figures = getattr(model, "PAPER_FIGURES", {})
+    figures = model.PAPER_FIGURES
     res = evaluate(site, blocks, args,
                    done=lambda res: write_report(out, res, meta, model.READ_PATH, figures))
     print((out / "report.md").read_text().split("\n## Setup")[0])
