@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import writesae
 from models import DEMO_DIR, hub
 
 from .rdata import RVector, read_lazyload, read_rda
@@ -359,17 +360,9 @@ def heldout_loss(model, val_ids, seq, max_tokens=65536, batch=16) -> float:
     return total / (n * seq)
 
 
-def pretrain(arch, out, texts=None, steps=1000, batch=16, seq=256, lr=3e-3, min_lr_frac=0.1, warmup=100,
-             weight_decay=0.1, seed=0, vocab_size=DEFAULT_VOCAB, tokenizer=None, val_frac=0.05, eval_every=250,
-             eval_tokens=16384, overrides=None, device="cpu", log=print) -> dict:
-    """Train one demo model from scratch and save it (Hub layout, fp16) with tokenizer.json and demo.json.
-
-    AdamW (β 0.9/0.95, weight decay on matrices only) with linear warm-up then cosine to min_lr_frac·lr, grad
-    clip 1; random windows of seq + 1 tokens from the training stream; the held-out loss (last val_frac of every
-    document) against the unigram baseline: on the first eval_tokens while training (progress), on all of it at
-    the end (the reported number). Same seed, same texts, same device -> same model."""
-    out = Path(out)
-    t_start = time.time()
+def pretrain_tokens(texts, tokenizer, vocab_size, val_frac, seq):
+    """(tokenizer, training stream, held-out stream): a new BPE trained on the training split, or
+    the tokenizer.json given (it must hold EOS)."""
     texts = demo_texts(strict=True) if texts is None else texts
     train_txt, val_txt = split_texts(texts, val_frac)
     if tokenizer is None:
@@ -380,25 +373,56 @@ def pretrain(arch, out, texts=None, steps=1000, batch=16, seq=256, lr=3e-3, min_
         if tok.eos_id is None:
             raise ValueError(f"{tokenizer} has no {EOS} token: train it with "
                              f"demo.build.train_tokenizer")
-    train_ids, val_ids = encode_stream(tok, train_txt), encode_stream(tok, val_txt)
+    train_ids = encode_stream(tok, train_txt)
+    val_ids = encode_stream(tok, val_txt)
     if len(train_ids) <= seq + 1:
-        raise ValueError(f"training text has {len(train_ids)} tokens, fewer than one window of {seq + 1}")
+        raise ValueError(f"training text has {len(train_ids)} tokens, fewer than one window of "
+                         f"{seq + 1}")
+    return tok, train_ids, val_ids
+
+
+def adamw(model, lr, weight_decay):
+    """AdamW, β 0.9/0.95, weight decay on the matrices only."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": matrices, "weight_decay": weight_decay},
+                              {"params": others, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
+def pretrain_step(model, opt, windows, lr) -> torch.Tensor:
+    """One next-token step on windows [batch,seq+1] at learning rate lr, gradients clipped to 1."""
+    logits = model(windows[:, :-1]).logits                                  # [batch,seq,vocab]
+    loss = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss
+
+
+def pretrain(arch, out, texts=None, steps=1000, batch=16, seq=256, lr=3e-3, min_lr_frac=0.1,
+             warmup=100, weight_decay=0.1, seed=0, vocab_size=DEFAULT_VOCAB, tokenizer=None,
+             val_frac=0.05, eval_every=250, eval_tokens=16384, overrides=None, device="cpu",
+             log=print) -> dict:
+    """Train one demo model from scratch and save it (Hub layout, fp16) with tokenizer.json and
+    demo.json.
+
+    AdamW (adamw) on writesae.lr_at's schedule: the same linear warm-up, capped at a quarter of
+    the steps, then cosine to min_lr_frac·lr; grad clip 1; random windows of seq + 1 tokens from
+    the training stream; the held-out loss (last val_frac of every document) against the unigram
+    baseline: on the first eval_tokens while training (progress), on all of it at the end (the
+    reported number). Same seed, same texts, same device -> same model."""
+    out = Path(out)
+    t_start = time.time()
+    tok, train_ids, val_ids = pretrain_tokens(texts, tokenizer, vocab_size, val_frac, seq)
     unigram = unigram_loss(train_ids, val_ids, tok.vocab_size)
     model = build_model(arch, tok.vocab_size, tok.eos_id, seed, **(overrides or {})).to(device)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    log(f"{arch}: {n_params / 1e6:.2f}M parameters; {len(train_ids):,} training / {len(val_ids):,} held-out tokens; "
-        f"unigram {unigram:.3f} nats")
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    others = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": weight_decay},
-                             {"params": others, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
-
-    def lr_at(i):
-        if i < warmup:
-            return lr * (i + 1) / warmup
-        cos = 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup)))
-        return lr * (min_lr_frac + (1 - min_lr_frac) * cos)
-
+    log(f"{arch}: {n_params / 1e6:.2f}M parameters; {len(train_ids):,} training / "
+        f"{len(val_ids):,} held-out tokens; unigram {unigram:.3f} nats")
+    opt = adamw(model, lr, weight_decay)
     gen = torch.Generator().manual_seed(seed)
     history = [(0, heldout_loss(model, val_ids, seq, eval_tokens))]
     log(f"step 0: held-out {history[0][1]:.3f}")
@@ -406,30 +430,27 @@ def pretrain(arch, out, texts=None, steps=1000, batch=16, seq=256, lr=3e-3, min_
     busy, seen = 0.0, 0
     for i in range(steps):
         t0 = time.time()
-        starts = torch.randint(0, len(train_ids) - seq - 1, (batch,), generator=gen)
-        w = torch.stack([train_ids[s:s + seq + 1] for s in starts.tolist()]).to(device)  # [batch,seq+1]
-        loss = F.cross_entropy(model(w[:, :-1]).logits.flatten(0, 1), w[:, 1:].flatten())
-        for g in opt.param_groups:
-            g["lr"] = lr_at(i)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        seen, busy = seen + batch * seq, busy + time.time() - t0
+        starts = torch.randint(0, len(train_ids) - seq - 1, (batch,), generator=gen).tolist()
+        windows = torch.stack([train_ids[s:s + seq + 1] for s in starts]).to(device)  # [batch,seq+1]
+        step_lr = writesae.lr_at(i, steps, lr, lr * min_lr_frac, warmup)
+        loss = pretrain_step(model, opt, windows, step_lr)
+        seen += batch * seq
+        busy += time.time() - t0
         if (i + 1) % eval_every == 0 or i + 1 == steps:
             history.append((i + 1, heldout_loss(model, val_ids, seq, eval_tokens)))
-            log(f"step {i + 1}/{steps}: train {loss.item():.3f}, held-out {history[-1][1]:.3f} (unigram "
-                f"{unigram:.3f}), {seen / busy:,.0f} tok/s")
+            log(f"step {i + 1}/{steps}: train {loss.item():.3f}, held-out {history[-1][1]:.3f} "
+                f"(unigram {unigram:.3f}), {seen / busy:,.0f} tok/s")
     final = heldout_loss(model, val_ids, seq, max_tokens=len(val_ids))
-    report = {"arch": arch, "seed": seed, "device": str(device), "steps": steps, "batch": batch, "seq": seq, "lr": lr,
-              "parameters": n_params, "train_tokens": len(train_ids), "heldout_tokens": len(val_ids),
-              "tokens_seen": seen, "tokens_per_s": seen / busy, "heldout_loss": final, "unigram_loss": unigram,
-              "history": history, "minutes": (time.time() - t_start) / 60}
-    module = arch_module(arch)
-    module.save_pretrained(model, out, dtype=torch.float16)
+    report = {"arch": arch, "seed": seed, "device": str(device), "steps": steps, "batch": batch,
+              "seq": seq, "lr": lr, "parameters": n_params, "train_tokens": len(train_ids),
+              "heldout_tokens": len(val_ids), "tokens_seen": seen, "tokens_per_s": seen / busy,
+              "heldout_loss": final, "unigram_loss": unigram, "history": history,
+              "minutes": (time.time() - t_start) / 60}
+    arch_module(arch).save_pretrained(model, out, dtype=torch.float16)
     tok.tok.save(str(out / "tokenizer.json"))
     (out / "demo.json").write_text(json.dumps(report, indent=2))
-    log(f"saved {out}: held-out {final:.3f} nats/token vs unigram {unigram:.3f} ({report['minutes']:.1f} min)")
+    log(f"saved {out}: held-out {final:.3f} nats/token vs unigram {unigram:.3f} "
+        f"({report['minutes']:.1f} min)")
     return report
 
 
