@@ -1,33 +1,39 @@
-"""Train a WriteSAE on the recurrent state S_t of one (layer, head), or of several heads of one layer at once.
+"""Train a WriteSAE on the recurrent state S_t of one (layer, head), or of several heads of one
+layer at once.
 
-  python train.py                                                     # demo GDN model at its default site
+  python train.py                                       # a demo model (see demo/) at its own site
   python train.py --model Qwen/Qwen3.5-0.8B --layer 9 --head 4 --data owt.jsonl --device cuda
-  torchrun --standalone --nproc_per_node 4 train.py --head all ...    # ranks share extraction and batches
+  torchrun --standalone --nproc_per_node 4 train.py --head all ...   # ranks share the work
 
-Pipeline (data.py): corpus -> token blocks, 80/20 split of whole blocks -> the model runs up to --layer; the factor
-store keeps per token and head only the increment factors and log-decay (O(K+V) numbers, memory-mapped) -> batches
-of S_t rebuilt from them in fp32 on the training device -> writesae.train_step, the heads as one batch of SAEs.
-torchrun: each rank extracts every world-th block into the same files and trains on its share of each batch;
-gradients are averaged weighted by local batch sizes (a split of one batch gives that batch's gradient), an atom
-fired if it fired on any rank, and where a rank decides from its own batch (resampling, BatchTopK's threshold)
-rank 0's SAE is broadcast. Rank 0 writes.
+Pipeline (data.py): corpus -> token blocks, 80/20 split of whole blocks -> the model runs up to
+--layer; the factor store keeps per token and head only the increment factors and log-decay
+(O(K+V) numbers, memory-mapped) -> batches of S_t rebuilt from them in fp32 on the training
+device -> writesae.train_step, the heads as one batch of SAEs.
+torchrun: each rank extracts every world-th block into the same files and trains on its share of
+each batch; gradients are averaged weighted by local batch sizes (a split of one batch gives that
+batch's gradient), an atom fired if it fired on any rank, and where a rank decides from its own
+batch (resampling, BatchTopK's threshold) rank 0's SAE is broadcast. Rank 0 writes.
 
 Run directory (--out, default runs/<model>-L<layer>-H<heads>):
-  config.json      arguments, git commit, site (arch, layer, heads, K, V, --write), SAE config, data sizes
-  blocks.json      + blocks.safetensors: the token blocks and the train / val block indices (eval.py uses val)
-  store/           the factor store (reused when model weights, layer, heads, tokens and store dtype match)
-  metrics.jsonl    {"step", "train": {...}} and {"step", "val": {...}} records; val FVE is the number to watch
-  best/, last/     WriteSAE directories (cfg.json + sae.safetensors; last/ adds train_state.pt), each written
-                   beside and renamed into place, so a crash leaves the previous one
+  config.json      arguments, git commit, site (arch, layer, heads, K, V, --write), SAE config,
+                   data sizes
+  blocks.json      + blocks.safetensors: the token blocks and the train / val block indices
+                   (eval.py uses val)
+  store/           the factor store (reused when model weights, layer, heads, tokens and store
+                   dtype match)
+  metrics.jsonl    {"step", "train": {...}} and {"step", "val": {...}} records; val FVE is the
+                   number to watch
+  best/, last/     WriteSAE directories (cfg.json + sae.safetensors; last/ adds train_state.pt),
+                   each written beside and renamed into place, so a crash leaves the previous one
   replaced/        --overwrite: the previous run (all but its store) until the new run's first
                    checkpoint, which deletes it; a new run stopped before that gets it back
 A run directory is continued (--resume) or replaced (--overwrite), never silently; a directory
 holding anything else is refused.
 
-Defaults follow DESIGN.md §4. Scale-down rule for tiny models: unless given, n_feat = min(2048, 2·K·V) and
-k = min(32, n_feat / 16), so a state with K·V ≥ 1024 gets the paper's 2048 / 32 and only a smaller one is shrunk.
-The demo models' runs are short (2000 steps): their default learning rate is 2e-3 → 2e-4. On the first demo/gdn
-(README) at L1 H0, 3e-4 stopped at val FVE 0.65 while still improving; 1e-3 reached 0.70 and 2e-3 0.72 by step 1200.
+Defaults follow docs/DESIGN.md ("3. The SAE"). Scale-down rule for tiny models: unless given,
+n_feat = min(2048, 2·K·V) and k = min(32, n_feat / 16), so a state with K·V ≥ 1024 gets the
+paper's 2048 / 32 and only a smaller one is shrunk. The demo models' runs are short (2000 steps):
+their default learning rate is 2e-3 → 2e-4 (docs/RESULTS.md, "The default run").
 """
 
 import argparse
@@ -51,14 +57,16 @@ import writesae
 from models.hub import atomic_write, load_pt, load_safetensors, read_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-NOT_BINDING = ("resume", "max_steps", "device", "out", "log_every")  # may change between a run and its --resume
+# the arguments that may change between a run and its --resume
+NOT_BINDING = ("resume", "max_steps", "device", "out", "log_every")
 DEMO_LR = 2e-3  # the demo models' default --lr (see the docstring)
 
 
 class Help(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):  # every set default visible in --help
-        shown = action.default not in (None, False, argparse.SUPPRESS) and "default" not in (action.help or "")
-        return (action.help or "") + (f" (default: {action.default})" if shown else "")
+        help = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS) and "default" not in help
+        return help + (f" (default: {action.default})" if shown else "")
 
 
 class Parser(argparse.ArgumentParser):
@@ -107,7 +115,7 @@ def parse_args(argv=None):
 
 def add_site_args(p):
     p.add_argument("--model", default="demo/gdn",
-                   help="Hub repo id, local checkpoint dir, or demo/gdn|mamba2|rwkv7")
+                   help="Hub repo id, local checkpoint dir, or demo/<arch> (see demo/)")
     p.add_argument("--layer", type=natural, default=None,
                    help="a write layer (default: see default_site)")
     p.add_argument("--head", default=None,
@@ -172,7 +180,8 @@ def add_optim_args(p):
     p.add_argument("--lr-end", type=nonneg, default=None, help="cosine floor (default lr / 10)")
     p.add_argument("--warmup", type=natural, default=50,
                    help="linear warmup steps (at most total/4)")
-    p.add_argument("--seed", type=int, default=42, help="split, SAE init, positions and batch order")
+    p.add_argument("--seed", type=int, default=42,
+                   help="split, SAE init, positions and batch order")
 
 
 def add_run_args(p):
@@ -204,7 +213,8 @@ def parse_heads(spec: str, n_heads: int) -> list[int]:
     try:
         heads = [int(h) for h in spec.split(",")]
     except ValueError:
-        raise ValueError(f"--head must be a number, a list like 1,2,5, or all; got {spec!r}") from None
+        raise ValueError(f"--head must be a number, a list like 1,2,5, or all; "
+                         f"got {spec!r}") from None
     if len(set(heads)) != len(heads):
         raise ValueError(f"--head lists a head twice: {spec}")
     return heads
@@ -271,7 +281,8 @@ def shared_blocks(args, tok, out, rank, world):
 
 def git_commit() -> str | None:  # None outside a git checkout
     try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent)
     except OSError:
         return None
     return git.stdout.strip() or None
@@ -324,8 +335,9 @@ def set_aside(out: Path):
             os.replace(out / name, out / "replaced" / name)
 
 
-# --------------------------------------------------------------------------------------------------------
-# Several ranks: gradients averaged over the global batch, dead atoms counted over it, rank 0 breaks ties
+# ------------------------------------------------------------------------------------------------
+# Several ranks: gradients averaged over the global batch, dead atoms counted over it,
+# rank 0 breaks ties
 
 class GlobalDeadTracker(writesae.DeadTracker):
     def update(self, codes):  # an atom fired in this step if it fired on any rank
@@ -335,7 +347,8 @@ class GlobalDeadTracker(writesae.DeadTracker):
 
 
 def average_grads(params, weight):
-    """An optimiser pre-step hook: grad ← Σ_ranks (b_rank / batch) grad_rank, as one flat all-reduce."""
+    """An optimiser pre-step hook: grad ← Σ_ranks (b_rank / batch) grad_rank, as one flat
+    all-reduce."""
     def hook(opt, *_):
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.flatten() for g in grads]) * weight
@@ -347,7 +360,8 @@ def average_grads(params, weight):
 
 def broadcast_state(sae, opt):
     tensors = [*sae.parameters(), *sae.buffers()]
-    tensors += [v for p in sae.parameters() for v in opt.state.get(p, {}).values() if torch.is_tensor(v) and v.dim()]
+    moments = [v for p in sae.parameters() for v in opt.state.get(p, {}).values()]
+    tensors += [v for v in moments if torch.is_tensor(v) and v.dim()]
     flat = torch.cat([t.detach().flatten() for t in tensors])
     dist.broadcast(flat, 0)
     with torch.no_grad():
@@ -363,30 +377,36 @@ def reduce_sum(x, world):
 
 @torch.no_grad()
 def validate(sae, batches, world) -> dict:
-    """Validation MSE (per element), FVE = 1 − SSE / SST (SST about the validation mean), L0, alive atoms."""
+    """Validation MSE (per element), FVE = 1 − SSE / SST (SST about the validation mean), L0,
+    alive atoms."""
     sae.eval()
     h, n, K, V = sae.cfg.n_sae, sae.cfg.n_feat, sae.cfg.d_k, sae.cfg.d_v
     dev = sae.b_dec.device
-    sums = torch.zeros(4, h, dtype=torch.float64, device=dev)        # count, SSE, Σ‖S‖², Σ L0
-    total = torch.zeros(h, K, V, dtype=torch.float64, device=dev)    # Σ S
-    fired = torch.zeros(h, n, dtype=torch.float64, device=dev)       # states each atom was active on
-    for S in batches:                                                # [h,B,K,V]
+    sums = torch.zeros(4, h, dtype=torch.float64, device=dev)      # count, SSE, Σ‖S‖², Σ L0
+    total = torch.zeros(h, K, V, dtype=torch.float64, device=dev)  # Σ S
+    fired = torch.zeros(h, n, dtype=torch.float64, device=dev)     # states each atom was active on
+    for S in batches:                                              # [h,B,K,V]
         out = sae(S)
-        active = (out.codes > 0).double()                            # [h,B,n]
-        sums += torch.stack([torch.full((h,), S.shape[1], device=dev), (S - out.recon).pow(2).sum((1, 2, 3)),
-                             S.pow(2).sum((1, 2, 3)), active.sum((1, 2))]).double()
-        total, fired = total + S.sum(1), fired + active.sum(1)
+        active = (out.codes > 0).double()                          # [h,B,n]
+        sums += torch.stack([torch.full((h,), S.shape[1], device=dev),
+                             (S - out.recon).pow(2).sum((1, 2, 3)),
+                             S.pow(2).sum((1, 2, 3)),
+                             active.sum((1, 2))]).double()
+        total += S.sum(1)
+        fired += active.sum(1)
     count, sse, ss, l0 = reduce_sum(sums, world)
-    total, fired = reduce_sum(total, world), reduce_sum(fired, world) > 0
+    total = reduce_sum(total, world)
+    alive = reduce_sum(fired, world) > 0
     sst = ss - total.pow(2).sum((1, 2)) / count
-    head = {"mse": (sse / (count * K * V)).tolist(), "fve": (1 - sse / sst).tolist(), "l0": (l0 / count).tolist(),
-            "alive": fired.sum(-1).int().tolist()}
+    per_head = {"mse": (sse / (count * K * V)).tolist(), "fve": (1 - sse / sst).tolist(),
+                "l0": (l0 / count).tolist(), "alive": alive.sum(-1).int().tolist()}
     sae.train()
-    return {**{k: sum(v) / h for k, v in head.items() if k != "alive"}, "alive": sum(head["alive"]),
-            "dead": h * n - sum(head["alive"]), "heads": head}
+    means = {k: sum(v) / h for k, v in per_head.items() if k != "alive"}
+    n_alive = sum(per_head["alive"])
+    return {**means, "alive": n_alive, "dead": h * n - n_alive, "heads": per_head}
 
 
-# --------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # The run, top-down: ranks → site → factor store → SAE → training loop (checkpoints inside)
 
 @dataclass
@@ -560,7 +580,8 @@ class Training:
                             "best": self.best}, d / "train_state.pt")
         if self.ranks.rank == 0:
             atomic_write(self.out / name, write)
-            shutil.rmtree(self.out / "replaced", ignore_errors=True)  # --overwrite: the new run has one
+            # --overwrite: the new run has a checkpoint, so the replaced one goes
+            shutil.rmtree(self.out / "replaced", ignore_errors=True)
 
     def checkpoint(self):
         """Validate; best/ when the val MSE improves; last/ always."""
@@ -732,7 +753,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except (ValueError, OSError) as e:  # bad input: one line that names it (hub.CheckpointError is a ValueError)
+    except (ValueError, OSError) as e:  # bad input: one line that names it (CheckpointError too)
         sys.exit(f"train.py: error: {e}")
     except KeyboardInterrupt:  # in training, last/ is saved first; before it, a rerun starts over
         print("train.py: interrupted", file=sys.stderr)
