@@ -48,6 +48,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TextIO
 
 import torch
 import torch.distributed as dist
@@ -442,7 +443,7 @@ class Site:
 @dataclass
 class Factors:
     """The token blocks, their train / val split, and the factor store extracted from them."""
-    blocks: object
+    blocks: torch.Tensor   # [N,T] token ids
     train_ids: list[int]
     val_ids: list[int]
     store: data.FactorStore
@@ -555,7 +556,7 @@ class Training:
     step: int = 0
     best: float = math.inf
     saved_at: int | None = None
-    metrics: object = None
+    metrics: TextIO | None = None
 
     def record(self, rec: dict):
         if self.ranks.rank == 0:
