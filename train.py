@@ -1,33 +1,39 @@
-"""Train a WriteSAE on the recurrent state S_t of one (layer, head), or of several heads of one layer at once.
+"""Train a WriteSAE on the recurrent state S_t of one (layer, head), or of several heads of one
+layer at once.
 
-  python train.py                                                     # demo GDN model at its default site
+  python train.py                                       # a demo model (see demo/) at its own site
   python train.py --model Qwen/Qwen3.5-0.8B --layer 9 --head 4 --data owt.jsonl --device cuda
-  torchrun --standalone --nproc_per_node 4 train.py --head all ...    # ranks share extraction and batches
+  torchrun --standalone --nproc_per_node 4 train.py --head all ...   # ranks share the work
 
-Pipeline (data.py): corpus -> token blocks, 80/20 split of whole blocks -> the model runs up to --layer; the factor
-store keeps per token and head only the increment factors and log-decay (O(K+V) numbers, memory-mapped) -> batches
-of S_t rebuilt from them in fp32 on the training device -> writesae.train_step, the heads as one batch of SAEs.
-torchrun: each rank extracts every world-th block into the same files and trains on its share of each batch;
-gradients are averaged weighted by local batch sizes (a split of one batch gives that batch's gradient), an atom
-fired if it fired on any rank, and where a rank decides from its own batch (resampling, BatchTopK's threshold)
-rank 0's SAE is broadcast. Rank 0 writes.
+Pipeline (data.py): corpus -> token blocks, 80/20 split of whole blocks -> the model runs up to
+--layer; the factor store keeps per token and head only the increment factors and log-decay
+(O(K+V) numbers, memory-mapped) -> batches of S_t rebuilt from them in fp32 on the training
+device -> writesae.train_step, the heads as one batch of SAEs.
+torchrun: each rank extracts every world-th block into the same files and trains on its share of
+each batch; gradients are averaged weighted by local batch sizes (a split of one batch gives that
+batch's gradient), an atom fired if it fired on any rank, and where a rank decides from its own
+batch (resampling, BatchTopK's threshold) rank 0's SAE is broadcast. Rank 0 writes.
 
 Run directory (--out, default runs/<model>-L<layer>-H<heads>):
-  config.json      arguments, git commit, site (arch, layer, heads, K, V, --write), SAE config, data sizes
-  blocks.json      + blocks.safetensors: the token blocks and the train / val block indices (eval.py uses val)
-  store/           the factor store (reused when model weights, layer, heads, tokens and store dtype match)
-  metrics.jsonl    {"step", "train": {...}} and {"step", "val": {...}} records; val FVE is the number to watch
-  best/, last/     WriteSAE directories (cfg.json + sae.safetensors; last/ adds train_state.pt), each written
-                   beside and renamed into place, so a crash leaves the previous one
+  config.json      arguments, git commit, site (arch, layer, heads, K, V, --write), SAE config,
+                   data sizes
+  blocks.json      + blocks.safetensors: the token blocks and the train / val block indices
+                   (eval.py uses val)
+  store/           the factor store (reused when model weights, layer, heads, tokens and store
+                   dtype match)
+  metrics.jsonl    {"step", "train": {...}} and {"step", "val": {...}} records; val FVE is the
+                   number to watch
+  best/, last/     WriteSAE directories (cfg.json + sae.safetensors; last/ adds train_state.pt),
+                   each written beside and renamed into place, so a crash leaves the previous one
   replaced/        --overwrite: the previous run (all but its store) until the new run's first
                    checkpoint, which deletes it; a new run stopped before that gets it back
 A run directory is continued (--resume) or replaced (--overwrite), never silently; a directory
 holding anything else is refused.
 
-Defaults follow DESIGN.md §4. Scale-down rule for tiny models: unless given, n_feat = min(2048, 2·K·V) and
-k = min(32, n_feat / 16), so a state with K·V ≥ 1024 gets the paper's 2048 / 32 and only a smaller one is shrunk.
-The demo models' runs are short (2000 steps): their default learning rate is 2e-3 → 2e-4. On the first demo/gdn
-(README) at L1 H0, 3e-4 stopped at val FVE 0.65 while still improving; 1e-3 reached 0.70 and 2e-3 0.72 by step 1200.
+Defaults follow docs/DESIGN.md ("3. The SAE"). Scale-down rule for tiny models: unless given,
+n_feat = min(2048, 2·K·V) and k = min(32, n_feat / 16), so a state with K·V ≥ 1024 gets the
+paper's 2048 / 32 and only a smaller one is shrunk. The demo models' runs are short (2000 steps):
+their default learning rate is 2e-3 → 2e-4 (docs/RESULTS.md, "The default run").
 """
 
 import argparse
@@ -40,8 +46,9 @@ import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TextIO
 
 import torch
 import torch.distributed as dist
@@ -51,14 +58,16 @@ import writesae
 from models.hub import atomic_write, load_pt, load_safetensors, read_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-NOT_BINDING = ("resume", "max_steps", "device", "out", "log_every")  # may change between a run and its --resume
+# the arguments that may change between a run and its --resume
+NOT_BINDING = ("resume", "max_steps", "device", "out", "log_every")
 DEMO_LR = 2e-3  # the demo models' default --lr (see the docstring)
 
 
 class Help(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):  # every set default visible in --help
-        shown = action.default not in (None, False, argparse.SUPPRESS) and "default" not in (action.help or "")
-        return (action.help or "") + (f" (default: {action.default})" if shown else "")
+        help = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS) and "default" not in help
+        return help + (f" (default: {action.default})" if shown else "")
 
 
 class Parser(argparse.ArgumentParser):
@@ -88,73 +97,11 @@ fraction = checked(float, lambda x: 0 < x < 1, "a number strictly between 0 and 
 
 def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=Help)
-    # ---- model and site ------------------------------------------------------------------------------------
-    p.add_argument("--model", default="demo/gdn", help="Hub repo id, local checkpoint dir, or demo/gdn|mamba2|rwkv7")
-    p.add_argument("--layer", type=natural, default=None,
-                   help="a write layer (default: see default_site)")
-    p.add_argument("--head", default=None, help="a head, a list (1,2,5) or all: one SAE each, trained together "
-                   "(default: see default_site)")
-    p.add_argument("--write", choices=("additive", "increment"), default=None,
-                   help="the native write eval.py substitutes (default: the model's); the SAE input is always S_t")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="SAE and model device")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights (recurrences run in fp32)")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer.json, World vocab .txt, or repo id (default: the checkpoint's)")
-    p.add_argument("--revision", default=None, help="Hub branch, tag or commit of --model")
-    p.add_argument("--tf32", action="store_true", help="TF32 matmuls in SAE training on CUDA "
-                   "(faster, ~1e-3 relative rounding); off otherwise, and always in extraction")
-    # ---- data ----------------------------------------------------------------------------------------------
-    p.add_argument("--data", nargs="+", default=["demo"], help="text files, .jsonl with a text field, or demo")
-    p.add_argument("--seq-len", type=count, default=256,
-                   help="tokens per block; every block starts from S = 0")
-    p.add_argument("--n-seqs", type=count, default=1000, help="at most this many blocks")
-    p.add_argument("--val-frac", type=fraction, default=0.2, help="held-out share of the blocks")
-    p.add_argument("--positions", default="32", type=positions_arg,
-                   help="states per sequence and epoch: a number (random) or all")
-    p.add_argument("--store-dtype", choices=data.STORE_DTYPES, default="float16", help="see data.py's glossary")
-    p.add_argument("--extract-batch", type=count, default=8,
-                   help="blocks per model forward during extraction")
-    p.add_argument("--store", default=None, help="factor store directory (default: <out>/store)")
-    # ---- SAE -----------------------------------------------------------------------------------------------
-    p.add_argument("--variant", choices=writesae.VARIANTS, default="write", help="see writesae.py")
-    p.add_argument("--rank", type=count, default=None, help="atom rank (default 1; 2 for RWKV-7)")
-    p.add_argument("--n-feat", type=count, default=None,
-                   help="dictionary size (default 2048, see the scale-down rule)")
-    p.add_argument("--k", type=count, default=None,
-                   help="active atoms per state (default 32, see the rule)")
-    p.add_argument("--tied", action="store_true", help="write variant: encoder factors = decoder factors")
-    p.add_argument("--batch-topk", action="store_true", help="BatchTopK instead of TopK")
-    p.add_argument("--k-aux", type=count, default=256, help="AuxK: dead atoms fit to the residual")
-    p.add_argument("--lambda-aux", type=nonneg, default=1e-2,
-                   help="AuxK weight (paper 1e-2, released code 1.0)")
-    p.add_argument("--dead-after", type=count, default=100,
-                   help="steps silent before an atom counts as dead")
-    p.add_argument("--renorm-every", type=count, default=100,
-                   help="decoder factors back to unit norm")
-    p.add_argument("--resample-every", type=count, default=250,
-                   help="dead atoms resampled (at most total/4)")
-    # ---- optimisation --------------------------------------------------------------------------------------
-    p.add_argument("--epochs", type=count, default=20, help="passes over the training blocks")
-    p.add_argument("--batch", type=count, default=256, help="states per step (over all ranks)")
-    p.add_argument("--lr", type=rate, default=None,
-                   help="Adam peak learning rate (3e-4; demo models 2e-3)")
-    p.add_argument("--lr-end", type=nonneg, default=None, help="cosine floor (default lr / 10)")
-    p.add_argument("--warmup", type=natural, default=50,
-                   help="linear warmup steps (at most total/4)")
-    p.add_argument("--seed", type=int, default=42, help="split, SAE init, positions and batch order")
-    # ---- run -----------------------------------------------------------------------------------------------
-    p.add_argument("--out", default=None, help="run directory (default runs/<model>-L<layer>-H<heads>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly (same arguments)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run in --out (the old SAE and eval/ go at its first save)")
-    p.add_argument("--eval-every", type=count, default=None,
-                   help="steps between validations (default: an epoch)")
-    p.add_argument("--val-states", type=count, default=4096,
-                   help="validation states (a fixed sample)")
-    p.add_argument("--log-every", type=count, default=10,
-                   help="steps between train records in metrics.jsonl")
-    p.add_argument("--max-steps", type=count, default=None,
-                   help="stop at this step as Ctrl-C does (save last/)")
+    add_site_args(p)
+    add_data_args(p)
+    add_sae_args(p)
+    add_optim_args(p)
+    add_run_args(p)
     args = p.parse_args(argv)
     if args.lr is None:
         args.lr = DEMO_LR if args.model.startswith("demo/") else 3e-4
@@ -165,6 +112,94 @@ def parse_args(argv=None):
     if args.resume and args.overwrite:
         p.error("argument --overwrite: not with --resume")
     return args
+
+
+def add_site_args(p):
+    p.add_argument("--model", default="demo/gdn",
+                   help="Hub repo id, local checkpoint dir, or demo/<arch> (see demo/)")
+    p.add_argument("--layer", type=natural, default=None,
+                   help="a write layer (default: see default_site)")
+    p.add_argument("--head", default=None,
+                   help="a head, a list (1,2,5) or all: one SAE each, trained together "
+                   "(default: see default_site)")
+    p.add_argument("--write", choices=("additive", "increment"), default=None,
+                   help="the native write eval.py substitutes (default: the model's); "
+                   "the SAE input is always S_t")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="SAE and model device")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="model weights (recurrences run in fp32)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json, World vocab .txt, or repo id (default: the checkpoint's)")
+    p.add_argument("--revision", default=None, help="Hub branch, tag or commit of --model")
+    p.add_argument("--tf32", action="store_true", help="TF32 matmuls in SAE training on CUDA "
+                   "(faster, ~1e-3 relative rounding); off otherwise, and always in extraction")
+
+
+def add_data_args(p):
+    p.add_argument("--data", nargs="+", default=["demo"],
+                   help="text files, .jsonl with a text field, or demo")
+    p.add_argument("--seq-len", type=count, default=256,
+                   help="tokens per block; every block starts from S = 0")
+    p.add_argument("--n-seqs", type=count, default=1000, help="at most this many blocks")
+    p.add_argument("--val-frac", type=fraction, default=0.2, help="held-out share of the blocks")
+    p.add_argument("--positions", default="32", type=positions_arg,
+                   help="states per sequence and epoch: a number (random) or all")
+    p.add_argument("--store-dtype", choices=data.STORE_DTYPES, default="float16",
+                   help="see data.py's glossary")
+    p.add_argument("--extract-batch", type=count, default=8,
+                   help="blocks per model forward during extraction")
+    p.add_argument("--store", default=None, help="factor store directory (default: <out>/store)")
+
+
+def add_sae_args(p):
+    p.add_argument("--variant", choices=writesae.VARIANTS, default="write", help="see writesae.py")
+    p.add_argument("--rank", type=count, default=None, help="atom rank (default 1; 2 for RWKV-7)")
+    p.add_argument("--n-feat", type=count, default=None,
+                   help="dictionary size (default 2048, see the scale-down rule)")
+    p.add_argument("--k", type=count, default=None,
+                   help="active atoms per state (default 32, see the rule)")
+    p.add_argument("--tied", action="store_true",
+                   help="write variant: encoder factors = decoder factors")
+    p.add_argument("--batch-topk", action="store_true", help="BatchTopK instead of TopK")
+    p.add_argument("--k-aux", type=count, default=256, help="AuxK: dead atoms fit to the residual")
+    p.add_argument("--lambda-aux", type=nonneg, default=1e-2,
+                   help="AuxK weight (paper 1e-2, released code 1.0)")
+    p.add_argument("--dead-after", type=count, default=100,
+                   help="steps silent before an atom counts as dead")
+    p.add_argument("--renorm-every", type=count, default=100,
+                   help="decoder factors back to unit norm")
+    p.add_argument("--resample-every", type=count, default=250,
+                   help="dead atoms resampled (at most total/4)")
+
+
+def add_optim_args(p):
+    p.add_argument("--epochs", type=count, default=20, help="passes over the training blocks")
+    p.add_argument("--batch", type=count, default=256, help="states per step (over all ranks)")
+    p.add_argument("--lr", type=rate, default=None,
+                   help="Adam peak learning rate (3e-4; demo models 2e-3)")
+    p.add_argument("--lr-end", type=nonneg, default=None, help="cosine floor (default lr / 10)")
+    p.add_argument("--warmup", type=natural, default=50,
+                   help="linear warmup steps (at most total/4)")
+    p.add_argument("--seed", type=int, default=42,
+                   help="split, SAE init, positions and batch order")
+
+
+def add_run_args(p):
+    p.add_argument("--out", default=None,
+                   help="run directory (default runs/<model>-L<layer>-H<heads>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out exactly (same arguments)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (the old SAE and eval/ go at its first save)")
+    p.add_argument("--eval-every", type=count, default=None,
+                   help="steps between validations (default: an epoch)")
+    p.add_argument("--val-states", type=count, default=4096,
+                   help="validation states (a fixed sample)")
+    p.add_argument("--log-every", type=count, default=10,
+                   help="steps between train records in metrics.jsonl")
+    p.add_argument("--max-steps", type=count, default=None,
+                   help="stop at this step as Ctrl-C does (save last/)")
 
 
 def positions_arg(s: str) -> str:
@@ -179,7 +214,8 @@ def parse_heads(spec: str, n_heads: int) -> list[int]:
     try:
         heads = [int(h) for h in spec.split(",")]
     except ValueError:
-        raise ValueError(f"--head must be a number, a list like 1,2,5, or all; got {spec!r}") from None
+        raise ValueError(f"--head must be a number, a list like 1,2,5, or all; "
+                         f"got {spec!r}") from None
     if len(set(heads)) != len(heads):
         raise ValueError(f"--head lists a head twice: {spec}")
     return heads
@@ -246,7 +282,8 @@ def shared_blocks(args, tok, out, rank, world):
 
 def git_commit() -> str | None:  # None outside a git checkout
     try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent)
     except OSError:
         return None
     return git.stdout.strip() or None
@@ -299,8 +336,9 @@ def set_aside(out: Path):
             os.replace(out / name, out / "replaced" / name)
 
 
-# --------------------------------------------------------------------------------------------------------
-# Several ranks: gradients averaged over the global batch, dead atoms counted over it, rank 0 breaks ties
+# ------------------------------------------------------------------------------------------------
+# Several ranks: gradients averaged over the global batch, dead atoms counted over it,
+# rank 0 breaks ties
 
 class GlobalDeadTracker(writesae.DeadTracker):
     def update(self, codes):  # an atom fired in this step if it fired on any rank
@@ -310,7 +348,8 @@ class GlobalDeadTracker(writesae.DeadTracker):
 
 
 def average_grads(params, weight):
-    """An optimiser pre-step hook: grad ← Σ_ranks (b_rank / batch) grad_rank, as one flat all-reduce."""
+    """An optimiser pre-step hook: grad ← Σ_ranks (b_rank / batch) grad_rank, as one flat
+    all-reduce."""
     def hook(opt, *_):
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.flatten() for g in grads]) * weight
@@ -322,7 +361,8 @@ def average_grads(params, weight):
 
 def broadcast_state(sae, opt):
     tensors = [*sae.parameters(), *sae.buffers()]
-    tensors += [v for p in sae.parameters() for v in opt.state.get(p, {}).values() if torch.is_tensor(v) and v.dim()]
+    moments = [v for p in sae.parameters() for v in opt.state.get(p, {}).values()]
+    tensors += [v for v in moments if torch.is_tensor(v) and v.dim()]
     flat = torch.cat([t.detach().flatten() for t in tensors])
     dist.broadcast(flat, 0)
     with torch.no_grad():
@@ -338,224 +378,383 @@ def reduce_sum(x, world):
 
 @torch.no_grad()
 def validate(sae, batches, world) -> dict:
-    """Validation MSE (per element), FVE = 1 − SSE / SST (SST about the validation mean), L0, alive atoms."""
+    """Validation MSE (per element), FVE = 1 − SSE / SST (SST about the validation mean), L0,
+    alive atoms."""
     sae.eval()
     h, n, K, V = sae.cfg.n_sae, sae.cfg.n_feat, sae.cfg.d_k, sae.cfg.d_v
     dev = sae.b_dec.device
-    sums = torch.zeros(4, h, dtype=torch.float64, device=dev)        # count, SSE, Σ‖S‖², Σ L0
-    total = torch.zeros(h, K, V, dtype=torch.float64, device=dev)    # Σ S
-    fired = torch.zeros(h, n, dtype=torch.float64, device=dev)       # states each atom was active on
-    for S in batches:                                                # [h,B,K,V]
+    sums = torch.zeros(4, h, dtype=torch.float64, device=dev)      # count, SSE, Σ‖S‖², Σ L0
+    total = torch.zeros(h, K, V, dtype=torch.float64, device=dev)  # Σ S
+    fired = torch.zeros(h, n, dtype=torch.float64, device=dev)     # states each atom was active on
+    for S in batches:                                              # [h,B,K,V]
         out = sae(S)
-        active = (out.codes > 0).double()                            # [h,B,n]
-        sums += torch.stack([torch.full((h,), S.shape[1], device=dev), (S - out.recon).pow(2).sum((1, 2, 3)),
-                             S.pow(2).sum((1, 2, 3)), active.sum((1, 2))]).double()
-        total, fired = total + S.sum(1), fired + active.sum(1)
+        active = (out.codes > 0).double()                          # [h,B,n]
+        sums += torch.stack([torch.full((h,), S.shape[1], device=dev),
+                             (S - out.recon).pow(2).sum((1, 2, 3)),
+                             S.pow(2).sum((1, 2, 3)),
+                             active.sum((1, 2))]).double()
+        total += S.sum(1)
+        fired += active.sum(1)
     count, sse, ss, l0 = reduce_sum(sums, world)
-    total, fired = reduce_sum(total, world), reduce_sum(fired, world) > 0
+    total = reduce_sum(total, world)
+    alive = reduce_sum(fired, world) > 0
     sst = ss - total.pow(2).sum((1, 2)) / count
-    head = {"mse": (sse / (count * K * V)).tolist(), "fve": (1 - sse / sst).tolist(), "l0": (l0 / count).tolist(),
-            "alive": fired.sum(-1).int().tolist()}
+    per_head = {"mse": (sse / (count * K * V)).tolist(), "fve": (1 - sse / sst).tolist(),
+                "l0": (l0 / count).tolist(), "alive": alive.sum(-1).int().tolist()}
     sae.train()
-    return {**{k: sum(v) / h for k, v in head.items() if k != "alive"}, "alive": sum(head["alive"]),
-            "dead": h * n - sum(head["alive"]), "heads": head}
+    means = {k: sum(v) / h for k, v in per_head.items() if k != "alive"}
+    n_alive = sum(per_head["alive"])
+    return {**means, "alive": n_alive, "dead": h * n - n_alive, "heads": per_head}
 
 
-# --------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
+# The run, top-down: ranks → site → factor store → SAE → training loop (checkpoints inside)
 
-def run(args):
-    from tqdm import tqdm
-    from models import load_model
+@dataclass
+class Ranks:
+    """This process under torchrun (world 1, rank 0 without it); rank 0 writes and prints."""
+    world: int
+    rank: int
+    device: str
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def say(self, *words):
+        if self.rank == 0:
+            from tqdm import tqdm
+            tqdm.write(" ".join(map(str, words)))
+
+
+@dataclass
+class Site:
+    """The (layer, heads) the SAEs read, the state's shape, and the run directory."""
+    arch: str
+    layer: int
+    heads: list[int]
+    K: int
+    V: int
+    write: str
+    sae_rank: int          # the model's default atom rank (the model is freed after extraction)
+    out: Path
+
+
+@dataclass
+class Factors:
+    """The token blocks, their train / val split, and the factor store extracted from them."""
+    blocks: torch.Tensor   # [N,T] token ids
+    train_ids: list[int]
+    val_ids: list[int]
+    store: data.FactorStore
+    store_dir: Path
+
+
+def setup_ranks(device: str) -> Ranks:
+    """torchrun's WORLD_SIZE / RANK / LOCAL_RANK: a process group and, on CUDA, one GPU a rank."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, device = int(os.environ.get("RANK", 0)), args.device
+    rank = int(os.environ.get("RANK", 0))
     if world > 1:
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    barrier = dist.barrier if world > 1 else None
-    say = (lambda *a: tqdm.write(" ".join(map(str, a)))) if rank == 0 else (lambda *a: None)
-    torch.manual_seed(args.seed)
-    positions = args.positions if args.positions == "all" else int(args.positions)
+    return Ranks(world, rank, device)
 
-    # ---- model, site, run directory ----
+
+def open_site(args, ranks: Ranks):
+    """(model, tokenizer, site): the checkpoint, its checked (layer, heads), and a run directory
+    that is safe to write (crash leftovers recovered, a run never replaced unasked)."""
+    from models import load_model
     set_tf32(False)  # extraction's model forward in full fp32
-    model, tok = load_model(args.model, device=device, dtype=DTYPES[args.dtype],
+    model, tok = load_model(args.model, device=ranks.device, dtype=DTYPES[args.dtype],
                             revision=args.revision, tokenizer=args.tokenizer)
-    site = default_site(args.model, model)
-    layer = site[0] if args.layer is None else args.layer
+    layer, head = default_site(args.model, model)
+    layer = layer if args.layer is None else args.layer
     model.check_site(layer)
-    heads = parse_heads(str(site[1]) if args.head is None else args.head, model.n_heads)
+    heads = parse_heads(str(head) if args.head is None else args.head, model.n_heads)
     for h in heads:
         model.check_site(layer, h)
-    arch, K, V = model.arch, *model.state_shape
-    write = model.default_write if args.write is None else args.write
-    rank_default = model.sae_rank                                     # the model is freed below
     out = Path(args.out) if args.out else default_out(args.model, layer, heads, model.n_heads)
-    if rank == 0:
+    if ranks.rank == 0:
         recover(out)
-    if barrier:
-        barrier()
+    ranks.barrier()
     check_out(out, args.resume, args.overwrite)
     if args.resume:
-        if not (out / "last" / "train_state.pt").exists():
-            raise ValueError(f"nothing to resume in {out}: no last/ checkpoint")
-        saved = read_json(out / "config.json")["args"]
-        for k, v in saved.items():
-            if k not in NOT_BINDING and v != vars(args).get(k):
-                raise ValueError(f"--resume needs the run's arguments: it used --{k.replace('_', '-')} {v}, "
-                                 f"not {vars(args).get(k)}")
+        check_resume(args, out)
+    K, V = model.state_shape
+    write = model.default_write if args.write is None else args.write
+    return model, tok, Site(model.arch, layer, heads, K, V, write, model.sae_rank, out)
 
-    # ---- corpus, blocks, split, factor store ----
-    blocks, train_ids, val_ids = shared_blocks(args, tok, out, rank, world)
-    store_dir = Path(args.store) if args.store else out / "store"
+
+def check_resume(args, out: Path):
+    """--resume: a last/ checkpoint to continue, and the run's own arguments (but NOT_BINDING)."""
+    if not (out / "last" / "train_state.pt").exists():
+        raise ValueError(f"nothing to resume in {out}: no last/ checkpoint")
+    saved = read_json(out / "config.json")["args"]
+    for k, v in saved.items():
+        if k not in NOT_BINDING and v != vars(args).get(k):
+            raise ValueError(f"--resume needs the run's arguments: it used "
+                             f"--{k.replace('_', '-')} {v}, not {vars(args).get(k)}")
+
+
+def build_store(args, model, tok, site: Site, ranks: Ranks) -> Factors:
+    """The blocks (shared_blocks) and their factor store: reused when its key (weights, tokens,
+    layer, heads, dtype) matches, else extracted, each rank a share of the blocks."""
+    blocks, train_ids, val_ids = shared_blocks(args, tok, site.out, ranks.rank, ranks.world)
+    store_dir = Path(args.store) if args.store else site.out / "store"
     weights = weight_fingerprint(model)
-    key = {"checkpoint": args.model, "weights": weights, "tokens": data.fingerprint(blocks), "layer": layer,
-           "heads": heads, "dtype": args.store_dtype}
+    key = {"checkpoint": args.model, "weights": weights, "tokens": data.fingerprint(blocks),
+           "layer": site.layer, "heads": site.heads, "dtype": args.store_dtype}
     store = data.FactorStore.open(store_dir)
     reuse = store is not None and all(store.meta.get(k) == v for k, v in key.items())
-    if barrier:
-        barrier()
+    ranks.barrier()
     if reuse:
-        say(f"reusing the factor store in {store_dir}")
+        ranks.say(f"reusing the factor store in {store_dir}")
     else:
-        store = data.extract(model, blocks, layer, heads, store_dir, args.store_dtype, args.extract_batch, rank,
-                             world, barrier, progress=rank == 0, checkpoint=args.model, weights=weights,
+        barrier = dist.barrier if ranks.world > 1 else None
+        store = data.extract(model, blocks, site.layer, site.heads, store_dir, args.store_dtype,
+                             args.extract_batch, ranks.rank, ranks.world, barrier,
+                             progress=ranks.rank == 0, checkpoint=args.model, weights=weights,
                              tokens=key["tokens"])
-    say(f"factor store: {store.bytes_per_token_head()} bytes a token a head ({args.store_dtype}) instead of "
-        f"{K * V * 4} for the fp32 state")
-    del model
+    ranks.say(f"factor store: {store.bytes_per_token_head()} bytes a token a head "
+              f"({args.store_dtype}) instead of {site.K * site.V * 4} for the fp32 state")
+    return Factors(blocks, train_ids, val_ids, store, store_dir)
 
-    # ---- SAE, optimiser, loaders ----
-    set_tf32(args.tf32)
-    n_feat = min(2048, 2 * K * V) if args.n_feat is None else args.n_feat
-    cfg = writesae.SAEConfig(
-        d_k=K, d_v=V, variant=args.variant, n_feat=n_feat,
-        rank=rank_default if args.rank is None else args.rank,
+
+def sae_config(args, site: Site) -> writesae.SAEConfig:
+    """The flags as an SAEConfig, with the scale-down rule for n_feat and k (module docstring)."""
+    n_feat = min(2048, 2 * site.K * site.V) if args.n_feat is None else args.n_feat
+    return writesae.SAEConfig(
+        d_k=site.K, d_v=site.V, variant=args.variant, n_feat=n_feat,
+        rank=site.sae_rank if args.rank is None else args.rank,
         k=min(32, max(1, n_feat // 16)) if args.k is None else args.k,
         tied=args.tied, batch_topk=args.batch_topk, k_aux=args.k_aux,
         lambda_aux=args.lambda_aux, dead_after=args.dead_after, renorm_every=args.renorm_every,
-        resample_every=args.resample_every, n_sae=len(heads), lr=args.lr, lr_end=args.lr_end, warmup=args.warmup)
-    m = args.seq_len if positions == "all" else min(positions, args.seq_len)
-    batch = min(args.batch, len(train_ids) * m)
-    if batch < args.batch:
-        say(f"note: --batch {args.batch} is more than the {batch} training states an epoch has; using {batch}")
-    loader = data.StateLoader(store, train_ids, positions, batch, device, args.seed, rank, world)
-    val_batch = min(args.batch, len(val_ids) * m)
-    val_loader = data.StateLoader(store, val_ids, positions, val_batch, device, args.seed + 1, rank, world)
-    val_steps = min(val_loader.steps, max(1, args.val_states // val_batch))
-    if min(loader.steps, val_steps) < 1:
-        raise ValueError(f"too few blocks for {world} ranks: {len(train_ids)} train / {len(val_ids)} val blocks")
-    total = args.epochs * loader.steps
-    eval_every = loader.steps if args.eval_every is None else args.eval_every
-    sae = writesae.WriteSAE(cfg, seed=args.seed).to(device)
-    opt = torch.optim.Adam(sae.parameters(), lr=args.lr)
-    tracker = (GlobalDeadTracker if world > 1 else writesae.DeadTracker)(cfg, device=device)
-    if world > 1:
-        opt.register_step_pre_hook(average_grads(list(sae.parameters()), loader.batch / batch))
-    step, best, saved_at = 0, math.inf, None
-    if args.resume:
-        sae.load_state_dict(load_safetensors(out / "last" / "sae.safetensors", device=device))
-        st = load_pt(out / "last" / "train_state.pt")
-        opt.load_state_dict(st["opt"]), tracker.load_state_dict(st["tracker"]), torch.set_rng_state(st["rng"])
-        step, best, saved_at = st["step"], st["best"], st["step"]
-        say(f"resuming {out} at step {step}")
-    else:
-        s, n = loader.mean_state()
-        s, n = reduce_sum(s, world), reduce_sum(torch.tensor(float(n), dtype=torch.float64, device=s.device), world)
-        sae.init_b_dec_((s / n).float())                             # M = the mean training state
-    if rank == 0:
-        run_cfg = {"args": vars(args), "git_commit": git_commit(), "torch": torch.__version__, "world": world,
-                   "site": {"arch": arch, "layer": layer, "heads": heads, "K": K, "V": V, "write": write},
-                   "sae": asdict(cfg), "data": {"n_blocks": len(blocks), "train_blocks": len(train_ids),
-                   "val_blocks": len(val_ids), "positions": m, "batch": batch, "steps_per_epoch": loader.steps,
-                   "total_steps": total, "store": str(store_dir)}}
-        if not args.resume:
-            (out / "config.json").write_text(json.dumps(run_cfg, indent=1) + "\n")
-        log = [line for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step] \
-            if args.resume and (out / "metrics.jsonl").exists() else []
-        metrics = open(out / "metrics.jsonl", "w")
-        metrics.writelines(line + "\n" for line in log)
+        resample_every=args.resample_every, n_sae=len(site.heads), lr=args.lr,
+        lr_end=args.lr_end, warmup=args.warmup)
 
-    def record(rec):
-        if rank == 0:
-            metrics.write(json.dumps(rec) + "\n"), metrics.flush()
 
-    def save(name, with_state):
-        def write(d):
-            sae.save(d)
-            if with_state:
-                torch.save({"step": step, "opt": opt.state_dict(), "tracker": tracker.state_dict(),
-                            "rng": torch.get_rng_state(), "best": best}, d / "train_state.pt")
-        if rank == 0:
-            atomic_write(out / name, write)
-            shutil.rmtree(out / "replaced", ignore_errors=True)  # --overwrite: the new run has one
+@dataclass
+class Training:
+    """What the loop reads and advances: the SAEs, their optimiser and dead-atom tracker, the
+    loaders, the step counters, and (rank 0) the open metrics.jsonl."""
+    args: argparse.Namespace
+    ranks: Ranks
+    out: Path
+    cfg: writesae.SAEConfig
+    sae: writesae.WriteSAE
+    opt: torch.optim.Optimizer
+    tracker: writesae.DeadTracker
+    loader: data.StateLoader
+    val_loader: data.StateLoader
+    val_steps: int
+    batch: int             # states per step over all ranks (loader.batch is this rank's share)
+    per_seq: int           # states a sequence gives an epoch
+    total: int
+    eval_every: int
+    step: int = 0
+    best: float = math.inf
+    saved_at: int | None = None
+    metrics: TextIO | None = None
 
-    def evaluate():
-        v = validate(sae, itertools.islice(val_loader.epoch(0), val_steps), world)
-        record({"step": step, "val": v})
-        say(f"step {step:6d} | val FVE {v['fve']:.3f} | mse {v['mse']:.3e} | L0 {v['l0']:.1f} | "
-            f"alive {v['alive']}/{cfg.n_feat * cfg.n_sae}")
+    def record(self, rec: dict):
+        if self.ranks.rank == 0:
+            self.metrics.write(json.dumps(rec) + "\n")
+            self.metrics.flush()
+
+    def evaluate(self) -> dict:
+        v = validate(self.sae, itertools.islice(self.val_loader.epoch(0), self.val_steps),
+                     self.ranks.world)
+        self.record({"step": self.step, "val": v})
+        self.ranks.say(f"step {self.step:6d} | val FVE {v['fve']:.3f} | mse {v['mse']:.3e} | "
+                       f"L0 {v['l0']:.1f} | alive {v['alive']}/{self.cfg.n_feat * self.cfg.n_sae}")
         return v
 
-    # ---- the loop ----
-    if not args.resume and not cfg.batch_topk:  # the baseline (BatchTopK has no inference threshold before training)
-        evaluate()
-    stop = []  # set by Ctrl-C / SIGTERM; acted on once all ranks know (the last entry of the step's all-reduce)
-    handlers = {s: signal.signal(s, lambda *_: stop.append(1)) for s in (signal.SIGINT, signal.SIGTERM)}
-    halt = 0
-    period = min(cfg.resample_every, max(total // 4, 1))  # writesae.train_step's resampling schedule
-    bar = tqdm(total=total, initial=step, desc=f"train L{layer} H{args.head or heads[0]}", disable=rank != 0, unit="step")
-    names = ("loss", "mse", "aux", "fve", "l0")
+    def save(self, name: str, with_state: bool):
+        """best/ or last/ (with train_state.pt) written beside and swapped in, by rank 0."""
+        def write(d):
+            self.sae.save(d)
+            if with_state:
+                torch.save({"step": self.step, "opt": self.opt.state_dict(),
+                            "tracker": self.tracker.state_dict(), "rng": torch.get_rng_state(),
+                            "best": self.best}, d / "train_state.pt")
+        if self.ranks.rank == 0:
+            atomic_write(self.out / name, write)
+            # --overwrite: the new run has a checkpoint, so the replaced one goes
+            shutil.rmtree(self.out / "replaced", ignore_errors=True)
+
+    def checkpoint(self):
+        """Validate; best/ when the val MSE improves; last/ always."""
+        v = self.evaluate()
+        if v["mse"] < self.best:
+            self.best = v["mse"]
+            self.save("best", False)
+        self.save("last", True)
+        self.saved_at = self.step
+
+
+def build_sae(args, site: Site, factors: Factors, ranks: Ranks) -> Training:
+    """SAE config, loaders, SAE, optimiser and tracker; then the resumed state, or b_dec at the
+    mean training state."""
+    set_tf32(args.tf32)
+    cfg = sae_config(args, site)
+    device = ranks.device
+    positions = args.positions if args.positions == "all" else int(args.positions)
+    m = args.seq_len if positions == "all" else min(positions, args.seq_len)
+    batch = min(args.batch, len(factors.train_ids) * m)
+    if batch < args.batch:
+        ranks.say(f"note: --batch {args.batch} is more than the {batch} training states an epoch "
+                  f"has; using {batch}")
+    loader = data.StateLoader(factors.store, factors.train_ids, positions, batch, device,
+                              args.seed, ranks.rank, ranks.world)
+    val_batch = min(args.batch, len(factors.val_ids) * m)
+    val_loader = data.StateLoader(factors.store, factors.val_ids, positions, val_batch, device,
+                                  args.seed + 1, ranks.rank, ranks.world)
+    val_steps = min(val_loader.steps, max(1, args.val_states // val_batch))
+    if min(loader.steps, val_steps) < 1:
+        raise ValueError(f"too few blocks for {ranks.world} ranks: {len(factors.train_ids)} train "
+                         f"/ {len(factors.val_ids)} val blocks")
+    sae = writesae.WriteSAE(cfg, seed=args.seed).to(device)
+    opt = torch.optim.Adam(sae.parameters(), lr=args.lr)
+    tracker = (GlobalDeadTracker if ranks.world > 1 else writesae.DeadTracker)(cfg, device=device)
+    if ranks.world > 1:
+        opt.register_step_pre_hook(average_grads(list(sae.parameters()), loader.batch / batch))
+    eval_every = loader.steps if args.eval_every is None else args.eval_every
+    t = Training(args, ranks, site.out, cfg, sae, opt, tracker, loader, val_loader, val_steps,
+                 batch, m, args.epochs * loader.steps, eval_every)
+    if args.resume:
+        resume(t)
+    else:
+        mean, n = loader.mean_state()
+        mean = reduce_sum(mean, ranks.world)
+        n = reduce_sum(torch.tensor(float(n), dtype=torch.float64, device=mean.device), ranks.world)
+        sae.init_b_dec_((mean / n).float())                          # M = the mean training state
+    return t
+
+
+def resume(t: Training):
+    """The SAE, optimiser, tracker, RNG and counters of last/."""
+    last = t.out / "last"
+    t.sae.load_state_dict(load_safetensors(last / "sae.safetensors", device=t.ranks.device))
+    state = load_pt(last / "train_state.pt")
+    t.opt.load_state_dict(state["opt"])
+    t.tracker.load_state_dict(state["tracker"])
+    torch.set_rng_state(state["rng"])
+    t.step = state["step"]
+    t.best = state["best"]
+    t.saved_at = state["step"]
+    t.ranks.say(f"resuming {t.out} at step {t.step}")
+
+
+def open_metrics(t: Training, site: Site, factors: Factors):
+    """Rank 0: config.json (a new run), and metrics.jsonl cut back to the resumed step."""
+    if t.ranks.rank != 0:
+        return
+    args, out = t.args, t.out
+    site_cfg = {"arch": site.arch, "layer": site.layer, "heads": site.heads, "K": site.K,
+                "V": site.V, "write": site.write}
+    data_cfg = {"n_blocks": len(factors.blocks), "train_blocks": len(factors.train_ids),
+                "val_blocks": len(factors.val_ids), "positions": t.per_seq, "batch": t.batch,
+                "steps_per_epoch": t.loader.steps, "total_steps": t.total,
+                "store": str(factors.store_dir)}
+    run_cfg = {"args": vars(args), "git_commit": git_commit(), "torch": torch.__version__,
+               "world": t.ranks.world, "site": site_cfg, "sae": asdict(t.cfg), "data": data_cfg}
+    if not args.resume:
+        (out / "config.json").write_text(json.dumps(run_cfg, indent=1) + "\n")
+    log = []
+    if args.resume and (out / "metrics.jsonl").exists():
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        log = [line for line in lines if json.loads(line)["step"] <= t.step]
+    t.metrics = open(out / "metrics.jsonl", "w")
+    t.metrics.writelines(line + "\n" for line in log)
+
+
+TRAIN_STATS = ("loss", "mse", "aux", "fve", "l0")  # averaged over ranks into metrics.jsonl
+
+
+def training_loop(t: Training, site: Site) -> bool:
+    """Train to the end, to --max-steps, or to Ctrl-C / SIGTERM (last/ saved first); True when a
+    signal stopped it. Closes metrics.jsonl and the process group whatever happens."""
+    from tqdm import tqdm
+    args, ranks = t.args, t.ranks
+    if not args.resume and not t.cfg.batch_topk:  # the baseline (BatchTopK has no threshold yet)
+        t.evaluate()
+    stop = []  # set by Ctrl-C / SIGTERM; acted on once all ranks know (see train_steps)
+    handlers = {s: signal.signal(s, lambda *_: stop.append(1))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    desc = f"train L{site.layer} H{args.head or site.heads[0]}"
+    bar = tqdm(total=t.total, initial=t.step, desc=desc, disable=ranks.rank != 0, unit="step")
     try:
-        for S in loader.batches(step) if step < total else ():
-            st = writesae.train_step(sae, opt, S, step, tracker, total)
-            if world > 1 and (cfg.batch_topk or (step > 0 and step % period == 0)):
-                broadcast_state(sae, opt)
-            *vals, halt = reduce_sum(torch.tensor([st[k] * loader.batch / batch for k in names] + [len(stop)],
-                                                  dtype=torch.float64, device=S.device), world).tolist()
-            if not all(map(math.isfinite, vals)):
-                raise ValueError(f"loss is {vals[0]} at step {step}: stopped; the last good checkpoint "
-                                 f"{f'(step {saved_at})' if saved_at is not None else '(none yet)'} is {out}/last")
-            step += 1
-            bar.update(1), bar.set_postfix(loss=f"{vals[0]:.3g}", fve=f"{vals[3]:.3f}", dead=st["dead"])
-            if step % args.log_every == 0:
-                record({"step": step, "train": {**dict(zip(names, vals)), "dead": st["dead"], "lr": st["lr"]}})
-            if step % eval_every == 0 or step == total:
-                v = evaluate()
-                if v["mse"] < best:
-                    best = v["mse"]
-                    save("best", False)
-                save("last", True)
-                saved_at = step
-            if halt or step in (args.max_steps, total):
-                break
-        if step < total:
-            if saved_at != step:
-                save("last", True)
-            say(f"stopped at step {step}/{total}: saved {out}/last; continue with the same command and --resume")
+        halt = train_steps(t, stop, bar)
+        if t.step < t.total:
+            if t.saved_at != t.step:
+                t.save("last", True)
+            ranks.say(f"stopped at step {t.step}/{t.total}: saved {t.out}/last; continue with the "
+                      f"same command and --resume")
         else:
-            say(f"done: best val MSE {best:.3e}; the SAE is in {out}/best")
-        if barrier:  # every rank done (and rank 0 done writing) before any tears gloo down
-            barrier()
+            ranks.say(f"done: best val MSE {t.best:.3e}; the SAE is in {t.out}/best")
+        ranks.barrier()  # every rank done (and rank 0 done writing) before any tears gloo down
     finally:
         bar.close()
         for s, h in handlers.items():
             signal.signal(s, h)
-        if rank == 0:
-            metrics.close()
-        if world > 1:
+        if ranks.rank == 0:
+            t.metrics.close()
+        if ranks.world > 1:
             dist.destroy_process_group()
-    if halt:  # Ctrl-C / SIGTERM: saved above; the exit status says the run did not finish
+    return halt
+
+
+def train_steps(t: Training, stop: list, bar) -> bool:
+    """The steps from t.step on; True when a signal (on any rank) stopped them."""
+    ranks, cfg = t.ranks, t.cfg
+    period = min(cfg.resample_every, max(t.total // 4, 1))  # writesae.train_step's resampling
+    halt = 0
+    for S in t.loader.batches(t.step) if t.step < t.total else ():
+        stats = writesae.train_step(t.sae, t.opt, S, t.step, t.tracker, t.total)
+        if ranks.world > 1 and (cfg.batch_topk or (t.step > 0 and t.step % period == 0)):
+            broadcast_state(t.sae, t.opt)
+        # the stop flag rides as the last entry of the step's all-reduce: every rank sees it
+        local = [stats[k] * t.loader.batch / t.batch for k in TRAIN_STATS] + [len(stop)]
+        *vals, halt = reduce_sum(torch.tensor(local, dtype=torch.float64, device=S.device),
+                                 ranks.world).tolist()
+        if not all(map(math.isfinite, vals)):
+            last = f"(step {t.saved_at})" if t.saved_at is not None else "(none yet)"
+            raise ValueError(f"loss is {vals[0]} at step {t.step}: stopped; the last good "
+                             f"checkpoint {last} is {t.out}/last")
+        t.step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{vals[0]:.3g}", fve=f"{vals[3]:.3f}", dead=stats["dead"])
+        if t.step % t.args.log_every == 0:
+            t.record({"step": t.step, "train": {**dict(zip(TRAIN_STATS, vals)),
+                                                "dead": stats["dead"], "lr": stats["lr"]}})
+        if t.step % t.eval_every == 0 or t.step == t.total:
+            t.checkpoint()
+        if halt or t.step in (t.args.max_steps, t.total):
+            break
+    return bool(halt)
+
+
+def run(args) -> Path:
+    """One training run: the steps below, in order; returns the run directory."""
+    ranks = setup_ranks(args.device)
+    torch.manual_seed(args.seed)
+    model, tok, site = open_site(args, ranks)
+    factors = build_store(args, model, tok, site, ranks)
+    del model
+    t = build_sae(args, site, factors, ranks)
+    open_metrics(t, site, factors)
+    if training_loop(t, site):  # Ctrl-C / SIGTERM: saved; the exit status says it did not finish
         raise KeyboardInterrupt
-    return out
+    return site.out
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except (ValueError, OSError) as e:  # bad input: one line that names it (hub.CheckpointError is a ValueError)
+    except (ValueError, OSError) as e:  # bad input: one line that names it (CheckpointError too)
         sys.exit(f"train.py: error: {e}")
     except KeyboardInterrupt:  # in training, last/ is saved first; before it, a rerun starts over
         print("train.py: interrupted", file=sys.stderr)

@@ -1,12 +1,17 @@
-"""A pure-Python reader for R's serialization format (R Internals §1.8), the subset that data packages use: how
-demo/build.py reads Jane Austen's novels out of Debian's r-cran-janeaustenr without R.
+"""A pure-Python reader for R's serialization format (R Internals §1.8), the subset that data
+packages use: how demo/build.py reads Jane Austen's novels out of Debian's r-cran-janeaustenr
+without R.
 
 Glossary
-  item        one serialized R object: an int of flags (type = flags & 0xFF, has-attributes bit 9, has-tag bit 10,
-              gp "levels" = flags >> 12, for CHARSXP its encoding), then its payload
-  SEXP type   R's object kinds: character vectors (STRSXP of CHARSXP), lists (VECSXP), pairlists, symbols, ...
-  .rda        RDX2/RDX3 magic, then a pairlist {name: value}; the file gzip, bzip2 or xz compressed (or not)
-  lazy-load   data/Rdata.rdx (an index: name -> offset, length) + data/Rdata.rdb (one compressed record per object)
+  item        one serialized R object: an int of flags (type = flags & 0xFF, has-attributes bit 9,
+              has-tag bit 10, gp "levels" = flags >> 12, for CHARSXP its encoding), then its
+              payload
+  SEXP type   R's object kinds: character vectors (STRSXP of CHARSXP), lists (VECSXP), pairlists,
+              symbols, ...
+  .rda        RDX2/RDX3 magic, then a pairlist {name: value}; the file gzip, bzip2 or xz
+              compressed (or not)
+  lazy-load   data/Rdata.rdx (an index: name -> offset, length) + data/Rdata.rdb (one compressed
+              record per object)
 """
 
 import bz2
@@ -16,19 +21,20 @@ import struct
 import zlib
 
 #
-# A stream is "X\n" (XDR, big-endian), then version 2|3, writer version, min reader version (v3: + the native
-# encoding), then one item. An item starts with an int of flags: type = flags & 0xFF, has-attributes bit 9,
-# has-tag bit 10, gp "levels" = flags >> 12 (for CHARSXP: its encoding). Vectors: length (-1: two ints for a long
-# length), then elements; strings are CHARSXP items (length -1 = NA). Pairlists: [attr] [tag] car, cdr. Symbols
-# are a CHARSXP the first time and a reference (REFSXP, index in flags >> 8) afterwards.
+# A stream is "X\n" (XDR, big-endian), then version 2|3, writer version, min reader version (v3:
+# + the native encoding), then one item. An item starts with an int of flags: type = flags & 0xFF,
+# has-attributes bit 9, has-tag bit 10, gp "levels" = flags >> 12 (for CHARSXP: its encoding).
+# Vectors: length (-1: two ints for a long length), then elements; strings are CHARSXP items
+# (length -1 = NA). Pairlists: [attr] [tag] car, cdr. Symbols are a CHARSXP the first time and a
+# reference (REFSXP, index in flags >> 8) afterwards.
 
 NILSXP, SYMSXP, LISTSXP, CHARSXP, LGLSXP, INTSXP, REALSXP, STRSXP, VECSXP, EXPRSXP, RAWSXP = \
     0, 1, 2, 9, 10, 13, 14, 16, 19, 20, 24
-ALTREP_SXP, EMPTYENV, BASEENV, BASENAMESPACE, MISSINGARG, UNBOUNDVALUE, GLOBALENV, NILVALUE, REFSXP = \
-    238, 242, 241, 250, 251, 252, 253, 254, 255
+ALTREP_SXP, EMPTYENV, BASEENV, BASENAMESPACE, MISSINGARG, UNBOUNDVALUE, GLOBALENV, NILVALUE, \
+    REFSXP = 238, 242, 241, 250, 251, 252, 253, 254, 255
 HAS_ATTR, HAS_TAG, LATIN1, NA_INT = 1 << 9, 1 << 10, 1 << 2, -(1 << 31)
-RTYPES = {LGLSXP: "logical", INTSXP: "integer", REALSXP: "double", STRSXP: "character", VECSXP: "list",
-          EXPRSXP: "expression", RAWSXP: "raw"}
+RTYPES = {LGLSXP: "logical", INTSXP: "integer", REALSXP: "double", STRSXP: "character",
+          VECSXP: "list", EXPRSXP: "expression", RAWSXP: "raw"}
 
 
 class RFormatError(ValueError):
@@ -40,7 +46,8 @@ class RSymbol(str):
 
 
 class RVector(list):
-    """An R vector: its elements (NA -> None), rtype ("character", "list", ...) and attributes {name: value}."""
+    """An R vector: its elements (NA -> None), rtype ("character", "list", ...) and attributes
+    {name: value}."""
 
     def __init__(self, items, rtype, attrs=None):
         super().__init__(items)
@@ -54,7 +61,8 @@ class _Reader:
     def __init__(self, data: bytes):
         self.data, self.pos, self.refs = data, 0, []
         if data[:2] != b"X\n":
-            raise RFormatError(f"R serialization format {data[:2]!r} not supported (want XDR binary, b'X\\n')")
+            raise RFormatError(f"R serialization format {data[:2]!r} not supported "
+                               f"(want XDR binary, b'X\\n')")
         self.pos = 2
         version, _writer, _min_reader = self.ints(3)
         if version == 3:
@@ -96,7 +104,8 @@ class _Reader:
             return self.pairlist(flags)
         if t == CHARSXP:
             n = self.ints(1)[0]
-            s = None if n == -1 else self.take(n).decode("latin-1" if flags >> 12 & LATIN1 else "utf-8", "replace")
+            encoding = "latin-1" if flags >> 12 & LATIN1 else "utf-8"
+            s = None if n == -1 else self.take(n).decode(encoding, "replace")
             if flags & HAS_ATTR:
                 self.item()
             return s
@@ -105,7 +114,8 @@ class _Reader:
             if t in (STRSXP, VECSXP, EXPRSXP):
                 items = [self.item() for _ in range(n)]
             elif t in (INTSXP, LGLSXP):
-                items = [None if x == NA_INT else x for x in struct.unpack(f">{n}i", self.take(4 * n))]
+                ints = struct.unpack(f">{n}i", self.take(4 * n))
+                items = [None if x == NA_INT else x for x in ints]
             elif t == REALSXP:
                 items = list(struct.unpack(f">{n}d", self.take(8 * n)))
             else:
@@ -113,11 +123,12 @@ class _Reader:
             return RVector(items, RTYPES[t], self.pairlist() if flags & HAS_ATTR else None)
         if t == ALTREP_SXP:
             return self.altrep()
-        raise RFormatError(f"R object of SEXP type {t} at byte {self.pos} is not data (this reader handles vectors, "
-                           f"lists and pairlists)")
+        raise RFormatError(f"R object of SEXP type {t} at byte {self.pos} is not data (this reader "
+                           f"handles vectors, lists and pairlists)")
 
     def pairlist(self, flags=None) -> dict:
-        """{tag (or position): value}; iterative over the cdr chain, so long pairlists do not recurse."""
+        """{tag (or position): value}; iterative over the cdr chain, so long pairlists do not
+        recurse."""
         out = {}
         flags = self.ints(1)[0] if flags is None else flags
         while flags & 0xFF == LISTSXP:
@@ -170,8 +181,9 @@ def read_rda(data: bytes) -> dict:
 
 def read_lazyload(rdx: bytes, rdb: bytes) -> dict:
     """The variables of an R lazy-load database (data/Rdata.rdx + .rdb). The .rdx is an .rds of
-    list(variables = list(name = c(offset, length)), references, compressed); each .rdb record is a 4-byte
-    big-endian raw length, for compressed 2/3 a type byte ('Z' xz, '2' bzip2, '0' none), then the stream."""
+    list(variables = list(name = c(offset, length)), references, compressed); each .rdb record is
+    a 4-byte big-endian raw length, for compressed 2/3 a type byte ('Z' xz, '2' bzip2, '0' none),
+    then the stream."""
     index = unserialize(rdx).named()
     how = index["compressed"][0]
     out = {}

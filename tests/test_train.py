@@ -240,7 +240,8 @@ def test_bad_input_one_line(case, extra, message, gdn_dir, corpus, tmp_path):
 
 
 def test_learning_rate_defaults():
-    """DESIGN.md §4's 3e-4 → 3e-5 for checkpoints; the short demo runs get 1e-3 → 1e-4; lr_end follows lr."""
+    """docs/DESIGN.md's 3e-4 → 3e-5 for checkpoints; the short demo runs get DEMO_LR → DEMO_LR / 10;
+    lr_end follows lr."""
     demo, hub = train.parse_args([]), train.parse_args(["--model", "Qwen/Qwen3.5-0.8B"])
     assert (demo.lr, demo.lr_end) == pytest.approx((train.DEMO_LR, train.DEMO_LR / 10)) and (hub.lr, hub.lr_end) == pytest.approx((3e-4, 3e-5))
     given = train.parse_args(["--lr", "2e-3", "--lr-end", "0"])
