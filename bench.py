@@ -16,6 +16,7 @@ import inspect
 import os
 import statistics
 import time
+from functools import partial
 
 # quiet the CPU memory profiler's start/stop lines, and its note on blocks freed that it saw no
 # allocation of
@@ -372,9 +373,7 @@ def bench_sae(device="cpu", reps=5, heads=None):
     heads = heads or (16 if str(device).startswith("cuda") else 2)
     setup = lambda: _sae_step_setup("write", device, heads=heads)  # noqa: E731
     step = lambda s: train_step(s[0], s[1], s[2], 2, s[3], 1000)   # noqa: E731
-    sae = setup()
-    sec = time_interleaved({"step": lambda: step(sae)}, device=device, reps=reps)["step"]
-    del sae
+    sec = time_interleaved({"step": partial(step, setup())}, device=device, reps=reps)["step"]
     peak = peak_memory(setup, step, device)
     report(f"paper-scale write-SAE step: {heads} heads as one batch of SAEs ({device})", [
         ("steps per second", f"{1 / sec:.2f} ({sec * 1e3:.0f} ms a step)"),
