@@ -201,11 +201,13 @@ def fig_closed(r):
                            "measured Δℓ (logits)", identity=True, w=300, h=270)
         plots.append(f'<div data-h="{esc(h)}" data-n="{len(c["pred"])}" data-r2="{c["r2"]}">{plot}'
                      f'<div class="meta">h = {esc(h)}: R² = {c["r2"]:.3f}, '
-                     f'n = {len(c["pred"])}</div></div>')
+                     f'n = {len(c["pred"])}, predictor “{esc(c["predictor"])}”</div></div>')
     cap = ("A point is one (prompt, atom): the change in the logit of the atom's top token h "
            f"positions after ε·A_i is added to the state (ε = {esc(first['eps'])}), measured by "
-           f"running the model (y) and predicted by Eq. (1), predictor “{esc(first['predictor'])}” "
-           "(x). On the dashed y = x line the closed form is exact.")
+           "running the model (y) and predicted with no fitted parameter (x) by the most complete "
+           "predictor defined at that h: “exact” (Eq. (1) with the exact in-layer transport and "
+           "the norms' Jacobians), else “eq1+gain”, else “eq1” (as printed). On the dashed y = x "
+           "line the prediction is exact.")
     return figure("Closed-form logit shift: predicted vs measured Δℓ (Eq. 1)",
                   f'<div class="row">{"".join(plots)}</div>', cap)
 
