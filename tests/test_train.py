@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -203,13 +204,20 @@ def test_ctrl_c_saves_and_exits_cleanly(gdn_dir, corpus, tmp_path):
 
 def test_torchrun_two_ranks_match_one(gdn_dir, corpus, tmp_path):
     """Full-batch steps (every training state in one global batch) make the ranks' split exact: parameters agree
-    with the single-process run to float round-off (tolerance 1e-5 rms-relative; measured ≤ 2e-7)."""
+    with the single-process run to float round-off (tolerance 1e-5 rms-relative; measured ≤ 2e-7).
+    Note: about one torchrun in ten on a 2-core CPU ends with a rank aborted by gloo's teardown
+    ("terminate called without an active exception") after the run is saved; that case is run again,
+    any other failure fails the test."""
     common = ["--positions", "all", "--batch", "100000", "--epochs", "6", "--n-seqs", "20"]
     train.main(args(gdn_dir, corpus, tmp_path / "one", *common))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "train.py"), *args(gdn_dir, corpus, tmp_path / "two", *common)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    for _ in range(3):  # gloo's teardown can abort a rank after the run is saved (see the note)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+        if "terminate called without an active exception" not in res.stderr:
+            break
+        shutil.rmtree(tmp_path / "two")
     assert res.returncode == 0, res.stderr[-3000:]
     one, two = sae_tensors(tmp_path / "one"), sae_tensors(tmp_path / "two")
     for name, t in one.items():
