@@ -230,8 +230,9 @@ def default_site(name: str, model) -> tuple[int, int]:
 
 
 def default_out(model: str, layer: int, heads: list[int], n_heads: int) -> Path:
-    repo = model.replace("/", "-").replace(":", "-")  # a repo id, or repo:FILENAME
-    name = Path(model).name if Path(model).expanduser().exists() else repo
+    repo = model.replace("/", "-").replace(":", "-")  # a repo id, repo:FILENAME, or demo/<arch>
+    local = Path(model).expanduser().exists() and not model.startswith("demo/")
+    name = Path(model).name if local else repo
     tag = "all" if heads == list(range(n_heads)) else "_".join(map(str, heads))
     return Path("runs") / f"{name}-L{layer}-H{tag}"
 

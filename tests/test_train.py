@@ -254,3 +254,10 @@ def test_learning_rate_defaults():
     assert (demo.lr, demo.lr_end) == pytest.approx((train.DEMO_LR, train.DEMO_LR / 10)) and (hub.lr, hub.lr_end) == pytest.approx((3e-4, 3e-5))
     given = train.parse_args(["--lr", "2e-3", "--lr-end", "0"])
     assert (given.lr, given.lr_end) == (2e-3, 0.0)
+
+
+def test_demo_run_directory_is_the_one_the_readme_names():
+    """demo/<arch> is also a folder of the repo: its run is still named after the model id."""
+    out = train.default_out("demo/gdn", 2, [4], 6)
+    assert out == Path("runs") / "demo-gdn-L2-H4"
+    assert str(out) in (ROOT / "README.md").read_text()
