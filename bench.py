@@ -1,4 +1,4 @@
-"""The performance figures quoted in the README, each as a ratio against its baseline measured in
+"""The performance figures quoted in docs/PERFORMANCE.md, each as a ratio against its baseline measured in
 the same run.
 
   python bench.py                 # every benchmark
