@@ -439,8 +439,8 @@ def bench_store(device="cpu", reps=5):
 @bench("eval")
 def bench_eval(device="cpu", reps=5, n_firings=12, T=256):
     """Substitution-test firings per second: eval.py's branch (one cache walked along each block,
-    then one batched forward of the firing token for the 6 rows base + 5 conditions) against
-    re-running the full block once per row with that row's edit. Same firings, same substitutes,
+    then batched forwards of the firing token for the 6 rows base + 5 conditions, in both
+    readings) against re-running the full block once per row with that row's edit (one reading). Same firings, same substitutes,
     the demo GDN architecture at random init."""
     import eval as ev
     import writesae
@@ -452,13 +452,14 @@ def bench_eval(device="cpu", reps=5, n_firings=12, T=256):
     site = ev.make_site(model, None, sae, 0, layer, 0, model.default_write)
     blocks = torch.randint(4096, (2, T), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
-        scans = [ev.scan(site, b) for b in blocks]
+        scans = [ev.scan_block(site, b) for b in blocks]
     g = torch.Generator().manual_seed(1)
     picked = sorted({(b, int(t)) for b in range(2)
-                     for t in torch.randint(T, (n_firings // 2,), generator=g)})
+                     for t in torch.randint(T - 1, (n_firings // 2,), generator=g)})  # t + 1 read
 
-    def branched():
-        return ev.firing_kls(site, blocks, scans, picked, torch.Generator().manual_seed(0))["kl"]
+    def branched():  # both readings; the in-recurrence one (KL(base ‖ cond) at t) is compared
+        kl = ev.firing_kls(site, blocks, scans, picked, torch.Generator().manual_seed(0))["kl"]
+        return kl[:, 1, 0]                                        # [n,5]
 
     @torch.no_grad()
     def full():
