@@ -1,4 +1,4 @@
-"""The offline default (DESIGN.md §6), apart from the method: nothing in models/, writesae.py or
+"""The offline default, apart from the method: nothing in models/, writesae.py or
 eval.py needs it.
 
   build.py    public-domain text from package registries, the BPE tokenizer trainer, demo-model

@@ -217,7 +217,7 @@ def test_config_and_file_errors(ref, tmp_path):
 
 
 def test_config_from_the_real_multimodal_file():
-    """The verbatim text_config of Qwen/Qwen3.5-0.8B (docs/MODELS.md §1.2), and the older flat-rope spelling."""
+    """The verbatim text_config of Qwen/Qwen3.5-0.8B, and the older flat-rope spelling."""
     text = {"attention_bias": False, "attn_output_gate": True, "dtype": "bfloat16", "eos_token_id": 248044,
             "full_attention_interval": 4, "head_dim": 256, "hidden_act": "silu", "hidden_size": 1024,
             "intermediate_size": 3584, "layer_types": ["linear_attention"] * 3 + ["full_attention"],

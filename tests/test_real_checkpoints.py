@@ -278,7 +278,7 @@ def test_weight_fingerprint_copies_no_parameter():
 
 # ---- 7. the documented real-checkpoint commands --------------------------------------------------
 
-N_HEADS = {  # state heads of the documented checkpoints (MODELS.md; the World 0.1B: 768 / 64)
+N_HEADS = {  # state heads of the documented checkpoints (from their config files; the World 0.1B: 768 / 64)
     "Qwen/Qwen3.5-0.8B": 16, "state-spaces/mamba2-370m": 32, "fla-hub/rwkv7-1.5B-world": 32,
     "BlinkDL/rwkv-7-world:RWKV-x070-World-0.1B-v2.8-20241210-ctx4096.pth": 12}
 

@@ -59,7 +59,7 @@ def blinkdl_state_dict(seed=0) -> dict:
 
 
 def to_fla(sd: dict, packed: bool) -> dict:
-    """MODELS.md §3.2, written out independently of the loader's table."""
+    """The BlinkDL key layout, written out independently of the loader's table."""
     out = {"model.embeddings.weight": sd["emb.weight"], "lm_head.weight": sd["head.weight"],
            "model.norm.weight": sd["ln_out.weight"], "model.norm.bias": sd["ln_out.bias"],
            "model.layers.0.pre_norm.weight": sd["blocks.0.ln0.weight"], "model.layers.0.pre_norm.bias": sd["blocks.0.ln0.bias"]}
